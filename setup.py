@@ -20,6 +20,9 @@ CORE = [
     "ml_collections",
     "einops",
     "clu",
+    "tensorflow-cpu",  # clu's metric writers (TensorBoard summaries) and tfds import it
+    "tensorflow-datasets",
+    "tensorboard",
     "absl-py",
     "transformers",
     "safetensors",

@@ -1,0 +1,253 @@
+"""The one train loop every task shares.
+
+A task supplies a `Task` (its model's init, loss, eval and data); the loop does the rest:
+state initialised under the mesh with its shardings, one jitted step with donated state, optax
+(AdamW, warmup + cosine, clipping, frozen parts masked), orbax checkpoints (async, keep N, keep
+best, exact resume with the data iterator's state, fallback past a damaged latest checkpoint),
+clu metrics and writers, progress and periodic eval, and a guard that skips non-finite updates
+and stops after `max_nonfinite` in a row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from typing import Any, Callable, Dict, Iterator, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from clu import metric_writers, metrics as clu_metrics, periodic_actions
+from flax import linen as nn
+
+from edgeglass_jax import sharding
+from edgeglass_jax.data import pipeline
+
+
+class NonFiniteError(FloatingPointError):
+  """Too many consecutive updates had a non-finite loss or gradient."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  nonfinite_streak: jax.Array
+  nonfinite_total: jax.Array
+
+
+@dataclasses.dataclass
+class Task:
+  """What a task gives the loop.
+
+  init_params(rng) -> params with logical axis boxes (`nn.with_logical_partitioning`);
+  loss_fn(params, batch, rng) -> (scalar loss, {name: scalar}); evaluate(params, step) -> flat
+  metrics (host side; may be None); train_iter: a checkpointable grain iterator of host batches
+  (this process's rows); batch_ids(batch) -> example ids for error messages.
+  """
+  init_params: Callable[[jax.Array], Any]
+  loss_fn: Callable[[Any, Dict[str, jax.Array], jax.Array], Any]
+  train_iter: Iterator[Dict[str, np.ndarray]]
+  evaluate: Optional[Callable[[Any, int], Dict[str, float]]] = None
+  batch_ids: Optional[Callable[[Dict[str, np.ndarray]], Any]] = None
+
+
+def _path_name(path) -> str:
+  keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+  return "/".join(str(k) for k in keys if k is not None and k != "value")
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+  """AdamW with linear warmup + cosine decay and global-norm clipping.
+
+  No weight decay on vectors (biases, norm scales, temperatures); params whose path matches
+  `cfg.frozen` (a regex, "" = none) get no update at all.
+  """
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1),
+      end_value=cfg.learning_rate * cfg.end_lr_fraction)
+  decay_mask = lambda params: jax.tree.map(lambda x: jnp.ndim(x) > 1, params)
+  tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                   optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2,
+                               weight_decay=cfg.weight_decay, mask=decay_mask))
+  if not cfg.frozen:
+    return tx
+  frozen = re.compile(cfg.frozen)
+  labels = lambda params: jax.tree_util.tree_map_with_path(
+      lambda p, _: "frozen" if frozen.search(_path_name(p)) else "train", params)
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_train_step(loss_fn, tx):
+  """state, batch, rng -> (state, metrics); a non-finite loss or gradient leaves state as it was."""
+
+  def step(state: TrainState, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    keep = lambda new, old: jnp.where(finite, new, old)
+    state = state.replace(
+        step=state.step + 1,
+        params=jax.tree.map(keep, params, state.params),
+        opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+    metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads),
+                   skipped=(~finite).astype(jnp.float32))
+    return state, metrics
+
+  return step
+
+
+class Checkpointer:
+  """orbax CheckpointManager for `state` and the data iterator (`data`)."""
+
+  def __init__(self, directory: str, cfg):
+    best = cfg.keep_best_metric or None
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_checkpoint,
+        best_fn=(lambda m: m[best]) if best else None, best_mode=cfg.best_mode,
+        keep_checkpoints_without_metrics=not best, create=True)
+    self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                         item_names=("state", "data"))
+
+  def save(self, step: int, state, data_iter, metrics=None, force=False):
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=pipeline.iterator_save_args(data_iter))
+    self.manager.save(step, args=args, metrics=metrics, force=force)
+
+  def restore(self, abstract_state, data_iter):
+    """Latest restorable checkpoint -> state (or None); damaged ones are skipped with a warning."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=pipeline.iterator_restore_args(data_iter)))
+        return restored["state"]
+      except Exception as e:  # a truncated or corrupt step: fall back to the one before
+        logging.warning("checkpoint step %d in %s cannot be restored (%s: %s); falling back to "
+                        "the previous one", step, self.manager.directory, type(e).__name__, e)
+    return None
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _metric_collection(names):
+  return clu_metrics.Collection.create(**{n: clu_metrics.Average.from_output(n) for n in names})
+
+
+def init_state(task: Task, tx, mesh, rng, rules=None):
+  """TrainState initialised directly in its shardings; returns (state, shardings)."""
+
+  def create(r):
+    params = task.init_params(r)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      nonfinite_streak=jnp.zeros((), jnp.int32),
+                      nonfinite_total=jnp.zeros((), jnp.int32))
+
+  abstract = jax.eval_shape(create, rng)
+  shardings = sharding.tree_shardings(abstract, mesh, rules)
+  state = jax.jit(lambda r: nn.meta.unbox(create(r)), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def train(config, workdir: str, task: Task) -> Dict[str, Any]:
+  """Runs (or resumes) training; returns `{"step": N, "metrics": {...}}`."""
+  cfg = config.train
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules([tuple(r) for r in config.get("axis_rules", ())])
+  tx = make_optimizer(cfg)
+  rng = jax.random.key(config.seed)
+  init_rng, step_rng = jax.random.split(rng)
+  with mesh:
+    state, state_shardings = init_state(task, tx, mesh, init_rng, rules)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          state, state_shardings)
+  restored = ckpt.restore(abstract, task.train_iter)
+  if restored is not None:
+    state = restored
+    logging.info("resumed from step %d", int(state.step))
+  start = int(state.step)
+
+  batch_shard = sharding.batch_sharding(mesh)
+  step_fn = jax.jit(make_train_step(task.loss_fn, tx),
+                    in_shardings=(state_shardings, batch_shard, sharding.replicated(mesh)),
+                    out_shardings=(state_shardings, sharding.replicated(mesh)),
+                    donate_argnums=(0,))
+  is_lead = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_lead,
+                                                asynchronous=True)
+  hooks = [periodic_actions.ReportProgress(num_train_steps=cfg.steps, writer=writer,
+                                           every_steps=cfg.log_every)] if is_lead else []
+  eval_metrics: Dict[str, float] = {}
+  train_metrics: Dict[str, float] = {}
+  accum = None
+  pending_streak = None
+
+  def run_eval(step):
+    nonlocal eval_metrics
+    if task.evaluate is None:
+      return
+    eval_metrics = {k: float(v) for k, v in task.evaluate(state.params, step).items()}
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+
+  step = start
+  try:
+    with mesh:
+      while step < cfg.steps:
+        batch = next(task.train_iter)
+        bad = pipeline.find_nonfinite(batch)
+        if bad:
+          ids = task.batch_ids(batch) if task.batch_ids else None
+          logging.warning("step %d: non-finite input %s; the update will be skipped", step,
+                          pipeline.describe_nonfinite(bad, ids))
+        state, metrics = step_fn(state, sharding.shard_batch(batch, mesh), step_rng)
+        step += 1
+        if accum is None:
+          collection = _metric_collection(sorted(metrics))
+        update = collection.single_from_model_output(**metrics)
+        accum = update if accum is None else accum.merge(update)
+        if pending_streak is not None and int(pending_streak) >= cfg.max_nonfinite:
+          ckpt.save(step, state, task.train_iter, force=True)
+          raise NonFiniteError(
+              f"{int(pending_streak)} consecutive updates had a non-finite loss or gradient "
+              f"(last at step {step - 1}); parameters are those of the last finite update and "
+              f"were saved at step {step} in {ckpt.manager.directory}. Check the data (the "
+              f"warnings above name the examples) or lower the learning rate.")
+        pending_streak = state.nonfinite_streak
+        for hook in hooks:
+          hook(step)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+          train_metrics = {f"train/{k}": float(v) for k, v in accum.compute().items()}
+          writer.write_scalars(step, train_metrics)
+          accum = None
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+          run_eval(step)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+          ckpt.save(step, state, task.train_iter,
+                    metrics=dict(eval_metrics) if cfg.keep_best_metric else None)
+    if int(state.nonfinite_streak) >= cfg.max_nonfinite:
+      raise NonFiniteError(f"the last {int(state.nonfinite_streak)} updates were non-finite")
+  finally:
+    ckpt.close()
+    writer.flush()
+  if not eval_metrics and task.evaluate is not None:
+    run_eval(step)
+  metrics = dict(train_metrics, **eval_metrics)
+  metrics["train/skipped_total"] = float(state.nonfinite_total)
+  return {"step": step, "metrics": metrics, "state": state}
