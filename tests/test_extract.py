@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from edgeglass_jax import configs, features, sharding
-from edgeglass_jax.data import sources, synthetic
+from edgeglass_jax.data import sources
 from edgeglass_jax.tasks import extract
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,7 +120,7 @@ def test_corrupt_file_is_rejected_and_nothing_else_lost(setup):
   config, encoders, _, tmp = setup
   root = os.path.join(tmp, "manifest")
   os.makedirs(root)
-  ds = synthetic.from_config(config.data.synthetic)
+  ds = sources.synthetic_dataset(config.data)
   ex = ds.source("train")[0]
   Image.fromarray(ex["image"]).save(os.path.join(root, "good.png"))
   with open(os.path.join(root, "bad.png"), "wb") as f:

@@ -1,9 +1,10 @@
-"""Text towers against HF PyTorch references: BERT, CLIP and SigLIP, standalone and full checkpoints.
+"""Text towers against HF PyTorch references: BERT, CLIP and SigLIP, standalone and full models.
 
 Tiny random HF models are saved with `save_pretrained` and loaded with
 `encoders.from_pretrained`; pooled outputs and tokens must match in float32 on padded batches.
 """
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -221,8 +222,24 @@ def test_missing_tensor_is_named(load, tmp_path, case, drop):
   del tensors[drop]
   (tmp_path / "config.json").write_text(open(os.path.join(m["path"], "config.json")).read())
   safetensors.numpy.save_file(tensors, str(tmp_path / "model.safetensors"))
-  with pytest.raises(WeightsError, match=drop.replace(".", r"\.")):
+  with pytest.raises(WeightsError, match=re.escape(drop)):
     encoders.from_pretrained(str(tmp_path), tower=m["tower"])
+
+
+@pytest.mark.parametrize("case,dense_layers", [("bert", 2 * 6), ("siglip_text", 2 * 6 + 1)])
+def test_every_matmul_goes_through_dot_general_cls(load, case, dense_layers):
+  m = load(case)
+  calls = []
+
+  def counting_dot_general(*args, **kwargs):
+    calls.append(args[1].shape)
+    return jax.lax.dot_general(*args, **kwargs)
+
+  module, params = encoders.from_pretrained(m["path"], dot_general_cls=lambda: counting_dot_general)
+  calls.clear()  # loading traced `init` once
+  out = module.apply(params, jnp.asarray(m["ids"]), jnp.asarray(m["mask"]))
+  assert len(calls) == dense_layers
+  np.testing.assert_allclose(out.pooled, m["out"].pooled, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["bert", "siglip_text"])

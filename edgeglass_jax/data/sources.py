@@ -162,12 +162,19 @@ class SyntheticSource:
             "captions": list(ex["captions"]), "group": int(ex["group"])}
 
 
+def synthetic_dataset(data_cfg):
+  """The embedded synthetic set described by `config.data.synthetic`."""
+  from edgeglass_jax.data import synthetic
+  fields = dict(data_cfg.synthetic)
+  fields["captions_per_item"] = max(int(data_cfg.get("captions_per_item", 1)), 1)
+  return synthetic.SyntheticTriModal(synthetic.SyntheticConfig(**fields))
+
+
 def make_source(data_cfg, split: str):
   """Source for `split` from `config.data` (`source` = synthetic | manifest)."""
   kind = data_cfg.source
   if kind == "synthetic":
-    from edgeglass_jax.data import synthetic
-    return SyntheticSource(synthetic.from_config(data_cfg.synthetic), split)
+    return SyntheticSource(synthetic_dataset(data_cfg), split)
   if kind == "manifest":
     path = data_cfg.manifest.get(split) if hasattr(data_cfg.manifest, "get") else None
     if not path:

