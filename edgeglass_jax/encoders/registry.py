@@ -63,7 +63,7 @@ def resolve(hf_config: dict, tower: Optional[str], source: str) -> Tuple[Family,
                          f"{towers}, got {tower!r}")
     sub = dict(hf_config.get(f"{tower}_config") or {})
     if "projection_dim" in hf_config:
-      sub.setdefault("projection_dim", hf_config["projection_dim"])
+      sub["projection_dim"] = hf_config["projection_dim"]  # HF uses the top-level one
     sub["_composite"] = model_type
     return FAMILIES[f"{model_type}_{tower}_model"], sub
   if model_type not in FAMILIES:
