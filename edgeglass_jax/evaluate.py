@@ -2,7 +2,7 @@
 
 Evaluation runs once per eval step on gathered embeddings, so it is plain vectorised numpy:
 a 5000 x 5000 similarity matrix takes well under a second with one positive per query (the
-paired default) and about two seconds with several.
+paired default) and under two seconds with several.
 """
 from __future__ import annotations
 

@@ -386,7 +386,7 @@ def matryoshka_loss(loss_fn: Callable[[Any], Any], z: Any,
   `loss_fn(z_m)` returns a scalar or `(scalar, metrics dict)`. Returns the total and
   `{"loss@d{m}": L_m}` plus each metric of `loss_fn` with `"@d{m}"` appended.
   """
-  by_width = isinstance(z, Mapping) and z and all(
+  by_width = isinstance(z, Mapping) and bool(z) and all(
       isinstance(k, (int, np.integer)) for k in z)
   if by_width:
     widths = list(z) if widths is None else widths

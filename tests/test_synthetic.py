@@ -1,7 +1,6 @@
 """The embedded tri-modal dataset: determinism, splits, and that each view encodes its tuple."""
 import dataclasses
 import pickle
-import time
 
 import numpy as np
 import pytest
@@ -203,14 +202,6 @@ def test_source_is_random_access_and_picklable(ds):
   clone = pickle.loads(pickle.dumps(src))
   np.testing.assert_array_equal(clone[np.int64(4)]["audio"], src[4]["audio"])
   assert [r["id"] for r in ds.records("val", num_threads=2)] == [src[i]["id"] for i in range(60)]
-
-
-def test_generation_is_fast():
-  fresh = S.SyntheticTriModal(S.SyntheticConfig(num_train=200))
-  start = time.perf_counter()
-  for _ in fresh.records("train"):
-    pass
-  assert time.perf_counter() - start < 5.0  # ~0.4 s here; 2000 examples must stay well < 20 s
 
 
 def test_config_validation():
