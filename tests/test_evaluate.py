@@ -120,6 +120,10 @@ def test_against_brute_force(case, monkeypatch):
   assert_metrics(E.retrieval_metrics(sim, pos, ks=(1, 3, 10)), want)
 
 
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
 def tri():
   rng = np.random.default_rng(5)
   n, d = 30, 16
