@@ -15,7 +15,6 @@ zero-pads the last batch and marks real rows in `mask`.
 """
 from __future__ import annotations
 
-import bisect
 import json
 import os
 import struct
@@ -55,6 +54,8 @@ def _mmap_safetensors(path: str, keys: Sequence[str]) -> Dict[str, np.ndarray]:
   base = 8 + header_len
   out = {}
   for key in keys:
+    if key not in header:
+      raise KeyError(f"{path}: no tensor {key!r} (it has {sorted(set(header) - {'__metadata__'})})")
     meta = header[key]
     dtype = _st_dtype(meta["dtype"], path, key)
     start, end = meta["data_offsets"]
@@ -184,16 +185,19 @@ class FeatureSource:
       out[rows] = self._parts[s][key][indices[rows] - self._starts[s]]
     return out
 
-  def get_batch(self, indices: Sequence[int], epoch: int = 0,
-                all_captions: bool = False) -> Dict[str, np.ndarray]:
-    """Rows `indices` stacked: `[B, ...]` per key; text keeps `[B, C, ...]` if `all_captions`."""
+  def get_batch(self, indices: Sequence[int], epoch: int = 0, all_captions: bool = False,
+                seed: Optional[int] = None) -> Dict[str, np.ndarray]:
+    """Rows `indices` stacked: `[B, ...]` per key; text keeps `[B, C, ...]` if `all_captions`.
+
+    Captions are drawn with `seed` (default: the source's).
+    """
     indices = np.asarray(indices, np.int64)
     if indices.size and (indices.min() < 0 or indices.max() >= self._n):
       raise IndexError(f"{self.split_dir}: indices outside [0, {self._n})")
     out = {k: self._gather(k, indices) for k in self.keys}
     if "text" in self.modalities and not all_captions:
       valid = out["text/valid"]
-      pick = caption_choice(valid, self.seed, epoch, indices)
+      pick = caption_choice(valid, self.seed if seed is None else seed, epoch, indices)
       rows = np.arange(len(indices))
       for k in self.keys:
         if k.startswith("text/"):
@@ -222,7 +226,7 @@ class _TrainBatch:
     first = epoch * len(self.source) + step * self.global_batch + self.offset
     indices = [self.order[first + r] for r in range(self.local_batch)]
     if hasattr(self.source, "get_batch"):
-      return self.source.get_batch(indices, epoch)
+      return self.source.get_batch(indices, epoch, seed=self.seed)
     items = [self.source[epoch * len(self.source) + i] for i in indices]
     return {k: np.stack([it[k] for it in items]) for k in items[0]}
 
@@ -237,10 +241,12 @@ def make_train_loader(source, batch_size: int, seed: int, shard_index: int = 0,
                       worker_count: int = 0, prefetch: int = 2) -> grain.DatasetIterator:
   """A checkpointable iterator over this process's part of each global batch.
 
-  `batch_size` is the global batch; each of the `shard_count` processes (`shard_index =
+  `seed` fixes the order of every epoch and the caption drawn per item. `batch_size` is the
+  global batch; each of the `shard_count` processes (`shard_index =
   jax.process_index()`) gets `batch_size // shard_count` rows per step, every array `[b, ...]`.
   `num_epochs=None` repeats forever. `worker_count > 0` builds batches in grain worker
-  processes; `prefetch` batches are read ahead in a thread.
+  processes; `prefetch` batches are read ahead in a thread. A saved state restores only into a
+  loader built with the same arguments (`worker_count` included: its state has another form).
   """
   if shard_count < 1 or not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index={shard_index} is not in [0, shard_count={shard_count})")
@@ -258,7 +264,7 @@ def make_train_loader(source, batch_size: int, seed: int, shard_index: int = 0,
                                             prefetch_buffer_size=prefetch))
   if worker_count:
     from absl import flags
-    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app use defaults
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app: defaults
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(ds)
@@ -269,8 +275,8 @@ class EvalBatches:
 
   With `shard_count` processes each gets rows `[p * b, (p + 1) * b)` of every global batch of
   `batch_size`; all processes see the same number of batches. Padding rows have `mask`, every
-  `valid` False, `group` -1 and `index` -1. Text is caption 0 of epoch 0's draw unless
-  `all_captions`, which keeps `[b, C, ...]` and `text/valid [b, C]`.
+  `valid` False, `group` -1 and `index` -1. Text is the caption drawn for epoch 0, or with
+  `all_captions` every caption: `[b, C, ...]` and `text/valid [b, C]`.
   """
 
   def __init__(self, source: FeatureSource, batch_size: int, shard_index: int = 0,

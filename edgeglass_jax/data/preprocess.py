@@ -70,8 +70,10 @@ def image_processor_settings(family_or_config: Union[str, Dict[str, Any]],
   config = {}
   if isinstance(family_or_config, dict):
     config = dict(family_or_config)
-    name = (config.get("image_processor_type") or config.get("feature_extractor_type")
-            or config.get("family"))
+    candidates = [config.get(k) for k in ("image_processor_type", "feature_extractor_type",
+                                          "family") if config.get(k)]
+    known = [c for c in candidates if str(c).lower() in _ALIASES]
+    name = known[0] if known else (candidates[0] if candidates else None)
     if name is None:
       raise ValueError("preprocessor config has no image_processor_type (nor family); cannot "
                        "tell CLIP from SigLIP preprocessing")

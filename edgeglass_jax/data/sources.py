@@ -180,7 +180,10 @@ def make_source(data_cfg, split: str):
     if not path:
       raise ValueError(f"config.data.manifest.{split} is not set")
     return ManifestSource(path)
-  raise ValueError(f"config.data.source={kind!r}: use 'synthetic' or 'manifest'")
+  if kind == "tfds":
+    from edgeglass_jax.data import tfds_source
+    return tfds_source.from_config(data_cfg.tfds, split)
+  raise ValueError(f"config.data.source={kind!r}: use 'synthetic', 'manifest' or 'tfds'")
 
 
 def available_splits(data_cfg, requested: Sequence[str]) -> List[str]:
