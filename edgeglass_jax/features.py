@@ -55,6 +55,12 @@ class Encoder:
 # ----------------------------------------------------------------------------- encoders
 
 
+def cache_dir() -> str:
+  """Where converted packaged weights are kept (`$EDGEGLASS_CACHE`, default ~/.cache/...)."""
+  return os.environ.get("EDGEGLASS_CACHE",
+                        os.path.join(os.path.expanduser("~"), ".cache", "edgeglass_jax"))
+
+
 def _encoder_dir(spec) -> str:
   """Local HF directory for an encoder spec: `path`, or a packaged model named in `package`."""
   if spec.get("package"):
@@ -64,7 +70,10 @@ def _encoder_dir(spec) -> str:
       return minilm_package_dir()
     if name == "whisper-tiny.en":
       from edgeglass_jax.encoders.whisper import whisper_tiny_en_dir
-      return whisper_tiny_en_dir()
+      out = os.path.join(cache_dir(), "whisper-tiny.en")
+      if not os.path.isfile(os.path.join(out, "model.safetensors")):
+        whisper_tiny_en_dir(out)
+      return out
     raise ValueError(f"encoder package {name!r} unknown; use 'all-MiniLM-L6-v2' or "
                      "'whisper-tiny.en'")
   if not spec.get("path"):
@@ -107,17 +116,13 @@ def build_encoder(modality: str, spec, dtype=jnp.float32) -> Encoder:
                    prepare=lambda images: (preprocess.preprocess_images(images, processor),),
                    token_mask=lambda inputs: None, info=info)
   if modality == "audio":
-    from edgeglass_jax.encoders.whisper import log_mel_spectrogram
-    max_seconds = float(spec.get("max_seconds", 30.0))
-    n_mels = module.config.num_mel_bins
-
-    def prepare_audio(waves):
-      mel, mask = log_mel_spectrogram(waves, n_mels=n_mels, max_seconds=max_seconds,
-                                      return_mask=True)
-      return np.asarray(mel), np.asarray(mask)
-
-    return Encoder(modality, module, params, prepare=prepare_audio,
-                   token_mask=lambda inputs: inputs[1][:, ::2], info=info)
+    from edgeglass_jax.encoders import whisper
+    n_samples = int(float(spec.get("max_seconds", 30.0)) * whisper.SAMPLE_RATE)
+    n_mels = module.config.n_mels
+    return Encoder(modality, module, params,
+                   prepare=lambda waves: whisper.log_mel_from_waveforms(waves, n_mels, n_samples),
+                   token_mask=lambda inputs: np.asarray(whisper.token_mask(inputs[1])),
+                   info=info)
   if modality == "text":
     tokenizer = preprocess.load_tokenizer(spec.get("tokenizer") or path)
     max_len = int(spec.get("max_len", 64))
