@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -239,10 +239,13 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voc
 
 def load_tokenizer(path: str):
   """`transformers.AutoTokenizer` from a local directory only; never downloads."""
+  if not path:
+    raise FileNotFoundError("no tokenizer directory given (set the encoder's `tokenizer` path)")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: tokenizer directory does not exist")
   if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
-    raise FileNotFoundError(f"{path}: no tokenizer files (looked for {', '.join(_TOKENIZER_FILES)})")
+    raise FileNotFoundError(f"{path}: no tokenizer files (looked for "
+                            f"{', '.join(_TOKENIZER_FILES)})")
   from transformers import AutoTokenizer
   try:
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
