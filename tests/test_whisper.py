@@ -133,6 +133,18 @@ def test_masked_rows_equal_unpadded_hf(hf_model, loaded, apply_fn):
   assert rel_err(unmasked.tokens[0, :30], tokens[0, :30]) > 1e-3  # padding matters without mask
 
 
+def test_mask_only_for_pooling_keeps_hf_tokens(hf_model, loaded):
+  module, params = loaded
+  mel = np.random.default_rng(5).normal(size=(2, N_FRAMES, 80)).astype(np.float32)
+  mask = np.arange(N_FRAMES)[None, :] < np.array([[44], [N_FRAMES]])
+  out = jax.jit(module.clone(mask_attention=False).apply)(params, jnp.asarray(mel),
+                                                          jnp.asarray(mask))
+  ref = hf_encode(hf_model, mel)
+  assert rel_err(out.tokens, ref) < 1e-4
+  assert rel_err(out.pooled[0], ref[0, :22].mean(0)) < 1e-4
+  assert rel_err(out.pooled[1], ref[1].mean(0)) < 1e-4
+
+
 def test_odd_valid_length_equals_truncated_input(loaded, apply_fn):
   _, params = loaded
   mel = np.random.default_rng(3).normal(size=(1, N_FRAMES, 80)).astype(np.float32)

@@ -73,7 +73,9 @@ def mel_filters(n_mels: int, n_fft: int = N_FFT, sampling_rate: int = SAMPLE_RAT
   down = -slopes[:, :-2] / diff[:-1]
   up = slopes[:, 2:] / diff[1:]
   filters = np.maximum(0.0, np.minimum(down, up))
-  return filters * (2.0 / (filter_freqs[2:n_mels + 2] - filter_freqs[:n_mels]))[None, :]
+  filters = filters * (2.0 / (filter_freqs[2:n_mels + 2] - filter_freqs[:n_mels]))[None, :]
+  filters.setflags(write=False)  # cached and shared between callers
+  return filters
 
 
 def frame_mask(lengths: Any, n_frames: int, hop_length: int = HOP_LENGTH) -> Array:
@@ -273,12 +275,16 @@ class WhisperEncoder(nn.Module):
   frame mask `[B, T]`. Returns `EncoderOutput(pooled [B, D], tokens [B, ceil(T/2), D])`.
 
   Without a mask, `tokens` equals HF's `last_hidden_state` on the same frames and `pooled` is
-  their mean. With a mask, each row is computed as if only its valid frames had been given (mel
-  and conv1 outputs beyond the mask are zeroed, padded tokens are masked as attention keys), so
-  valid tokens equal HF run on the unpadded frames, and `pooled` is the mean over valid tokens
-  (`token_mask(mask)`); tokens past the mask hold padding values.
+  their mean. With a mask, `pooled` is the mean over the valid tokens (`token_mask(mask)`), and:
+  - `mask_attention=True` (default): each row is computed as if only its valid frames had been
+    given (mel and conv1 outputs past the mask are zeroed, padded tokens are masked as attention
+    keys), so valid tokens equal HF run on the unpadded frames and batching does not change
+    them; tokens past the mask hold padding values.
+  - `mask_attention=False`: tokens equal HF's on the full padded input (Whisper's training
+    condition: 30 s with trailing silence); the mask only selects what is pooled.
   """
   config: WhisperEncoderConfig
+  mask_attention: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   dot_general_cls: layers.DotGeneralFactory = None
@@ -298,24 +304,27 @@ class WhisperEncoder(nn.Module):
     x = mel.astype(self.dtype)
     if mask is not None:
       mask = jnp.asarray(mask).astype(bool)
+    truncate = mask is not None and self.mask_attention
+    if truncate:
       x = jnp.where(mask[..., None], x, 0)
     x = gelu(conv(name="conv1")(x))
-    if mask is not None:
+    if truncate:
       x = jnp.where(mask[..., None], x, 0)
     x = gelu(conv(stride=2, name="conv2")(x))
     positions = self.param("embed_positions",
                            nn.with_logical_partitioning(_sinusoid_init, ("positions", "embed")),
                            (cfg.max_source_positions, cfg.d_model), self.param_dtype)
     x = x + jnp.asarray(positions[:n_tokens], self.dtype)
-    kv_mask = None if mask is None else token_mask(mask)
+    pool_mask = None if mask is None else token_mask(mask)
+    kv_mask = pool_mask if truncate else None
     for i in range(cfg.num_layers):
       x = layers.PreNormBlock(cfg.num_heads, cfg.mlp_dim, act=cfg.activation,
                               epsilon=cfg.layer_norm_eps, key_bias=False,
                               dot_general_cls=self.dot_general_cls, name=f"layers_{i}",
                               **kw)(x, kv_mask=kv_mask)
     tokens = layers.LayerNorm(cfg.layer_norm_eps, name="layer_norm", **kw)(x)
-    weights = (jnp.ones(tokens.shape[:2], jnp.float32) if kv_mask is None
-               else kv_mask.astype(jnp.float32))
+    weights = (jnp.ones(tokens.shape[:2], jnp.float32) if pool_mask is None
+               else pool_mask.astype(jnp.float32))
     pooled = (jnp.einsum("bt,btd->bd", weights, tokens.astype(jnp.float32))
               / jnp.maximum(weights.sum(1, keepdims=True), 1.0))
     return EncoderOutput(pooled=pooled.astype(self.dtype), tokens=tokens)
@@ -401,7 +410,9 @@ def ct2_whisper_to_hf_dir(ct2_dir: str, out_dir: str, dtype=np.float32) -> str:
   multilingual = fields["vocab_size"] >= 51865
   os.makedirs(out_dir, exist_ok=True)
   transformers.WhisperConfig(**fields, bos_token_id=sot, decoder_start_token_id=sot,
-                             eos_token_id=eot, pad_token_id=eot).save_pretrained(out_dir)
+                             eos_token_id=eot, pad_token_id=eot, begin_suppress_tokens=None,
+                             architectures=["WhisperForConditionalGeneration"]).save_pretrained(
+                                 out_dir)
   gen = dict(decoder_start_token_id=sot, bos_token_id=sot, eos_token_id=eot, pad_token_id=eot,
              no_timestamps_token_id=no_ts, is_multilingual=multilingual,
              max_length=fields["max_target_positions"],
