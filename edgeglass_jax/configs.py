@@ -60,3 +60,27 @@ def base(task: str):
   config.distributed = False
   config.mesh = mesh()
   return config
+
+
+def adapter(kind="mlp", hidden=256, depth=2, num_latents=32, num_heads=4, factor=3):
+  """`adapters.AdapterConfig` fields; kind: mlp (pooled) | mean | perceiver | compress."""
+  return mlc.ConfigDict(dict(kind=kind, hidden=hidden, depth=depth, num_latents=num_latents,
+                             num_heads=num_heads, factor=factor))
+
+
+def align(widths=(256, 128, 64, 32), steps=600, batch_size=256, learning_rate=1e-3):
+  """Model, loss, train and eval sections of an `align` config."""
+  config = mlc.ConfigDict()
+  config.features_dir = ""
+  config.model = dict(widths=widths, mrl_e=False, dtype="float32",
+                      adapters=dict(image=adapter(), audio=adapter(), text=adapter()))
+  config.loss = dict(kind="sigmoid", pairs="all", hub="image", pair_weights=dict(image_text=1.0, audio_text=1.0, image_audio=1.0),
+                     cycle_weight=0.0, cycle_temperature=0.1, mrl_weights=())
+  config.train = dict(
+      split="train", steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+      warmup_steps=max(steps // 20, 1), end_lr_fraction=0.05, weight_decay=1e-4, b1=0.9,
+      b2=0.999, clip_norm=1.0, frozen="", log_every=50, eval_every=0, checkpoint_every=200,
+      keep=3, keep_best_metric="", best_mode="max", async_checkpoint=True, max_nonfinite=20)
+  config.eval = dict(splits=("val", "test"), batch_size=256)
+  config.axis_rules = ()
+  return config

@@ -105,7 +105,8 @@ def make_train_step(loss_fn, tx):
         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
         nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
     metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads),
-                   skipped=(~finite).astype(jnp.float32))
+                   skipped=(~finite).astype(jnp.float32),
+                   nonfinite_streak=state.nonfinite_streak)
     return state, metrics
 
   return step
@@ -146,8 +147,24 @@ class Checkpointer:
     self.manager.close()
 
 
-def _metric_collection(names):
-  return clu_metrics.Collection.create(**{n: clu_metrics.Average.from_output(n) for n in names})
+class _Averages:
+  """Running means of the step metrics as a clu `Collection` (clu wants identifier names)."""
+
+  def __init__(self, names):
+    self.names = {n: "m" + re.sub(r"\W", "_", n) for n in names}
+    self.collection = clu_metrics.Collection.create(
+        **{safe: clu_metrics.Average.from_output(safe) for safe in self.names.values()})
+    self.total = None
+
+  def update(self, metrics):
+    step = self.collection.single_from_model_output(
+        **{self.names[n]: v for n, v in metrics.items()})
+    self.total = step if self.total is None else self.total.merge(step)
+
+  def compute(self):
+    values = self.total.compute()
+    self.total = None
+    return {n: float(values[safe]) for n, safe in self.names.items()}
 
 
 def init_state(task: Task, tx, mesh, rng, rules=None):
@@ -196,7 +213,7 @@ def train(config, workdir: str, task: Task) -> Dict[str, Any]:
                                            every_steps=cfg.log_every)] if is_lead else []
   eval_metrics: Dict[str, float] = {}
   train_metrics: Dict[str, float] = {}
-  accum = None
+  averages = None
   pending_streak = None
 
   def run_eval(step):
@@ -211,17 +228,16 @@ def train(config, workdir: str, task: Task) -> Dict[str, Any]:
     with mesh:
       while step < cfg.steps:
         batch = next(task.train_iter)
-        bad = pipeline.find_nonfinite(batch)
-        if bad:
-          ids = task.batch_ids(batch) if task.batch_ids else None
-          logging.warning("step %d: non-finite input %s; the update will be skipped", step,
-                          pipeline.describe_nonfinite(bad, ids))
+        try:
+          pipeline.check_batch_finite(batch, task.batch_ids(batch) if task.batch_ids else None)
+        except FloatingPointError as e:
+          logging.warning("step %d: %s; this update will be skipped", step, e)
         state, metrics = step_fn(state, sharding.shard_batch(batch, mesh), step_rng)
         step += 1
-        if accum is None:
-          collection = _metric_collection(sorted(metrics))
-        update = collection.single_from_model_output(**metrics)
-        accum = update if accum is None else accum.merge(update)
+        streak = metrics.pop("nonfinite_streak")
+        if averages is None:
+          averages = _Averages(sorted(metrics))
+        averages.update(metrics)
         if pending_streak is not None and int(pending_streak) >= cfg.max_nonfinite:
           ckpt.save(step, state, task.train_iter, force=True)
           raise NonFiniteError(
@@ -229,13 +245,12 @@ def train(config, workdir: str, task: Task) -> Dict[str, Any]:
               f"(last at step {step - 1}); parameters are those of the last finite update and "
               f"were saved at step {step} in {ckpt.manager.directory}. Check the data (the "
               f"warnings above name the examples) or lower the learning rate.")
-        pending_streak = state.nonfinite_streak
+        pending_streak = streak
         for hook in hooks:
           hook(step)
         if step % cfg.log_every == 0 or step == cfg.steps:
-          train_metrics = {f"train/{k}": float(v) for k, v in accum.compute().items()}
+          train_metrics = {f"train/{k}": v for k, v in averages.compute().items()}
           writer.write_scalars(step, train_metrics)
-          accum = None
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
           run_eval(step)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:

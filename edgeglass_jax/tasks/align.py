@@ -1,0 +1,182 @@
+"""Task `align`: adapters map cached frozen features of image, audio and text into one
+Matryoshka-nested space, trained with pairwise contrastive losses (+ an optional tri-modal cycle
+loss) and evaluated by retrieval in all six directions at every width.
+
+If `config.features_dir` is empty the task first runs extraction into `{workdir}/features`
+(resumable), so one command goes from raw data to a retrieval table.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from edgeglass_jax import adapters, evaluate, losses, sharding
+from edgeglass_jax.data import pipeline
+from edgeglass_jax.tasks import extract, loop
+
+
+class Aligner(nn.Module):
+  """One adapter + Matryoshka head per modality and a learnable temperature (bias) per pair.
+
+  `__call__(batch)` maps `{"{m}/pooled" [B, D_m], "{m}/tokens" [B, N_m, D_m],
+  "{m}/token_mask" [B, N_m]}` to `{m: {width: z [B, width]}}` (each z L2-normalised).
+  """
+  adapter_configs: Tuple[Tuple[str, adapters.AdapterConfig], ...]
+  widths: Tuple[int, ...]
+  mrl_e: bool
+  pairs: Tuple[Tuple[str, str], ...]
+  loss_kind: str = "sigmoid"
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  dot_general_cls: object = None
+
+  def setup(self):
+    self.towers = {m: adapters.ModalityAdapter(cfg, widths=self.widths, mrl_e=self.mrl_e,
+                                               dtype=self.dtype, param_dtype=self.param_dtype,
+                                               dot_general_cls=self.dot_general_cls, name=m)
+                   for m, cfg in self.adapter_configs}
+    self.pair_params = self.param(
+        "pairs", lambda _: losses.init_pair_params([losses.pair_name(*p) for p in self.pairs],
+                                                   self.loss_kind))
+
+  def embed(self, batch, modality: str):
+    return self.towers[modality](batch[f"{modality}/pooled"], batch.get(f"{modality}/tokens"),
+                                 batch.get(f"{modality}/token_mask"))
+
+  def __call__(self, batch):
+    return {m: self.embed(batch, m) for m, _ in self.adapter_configs}
+
+
+def build_model(config, feature_dims=None) -> Aligner:
+  mcfg, lcfg = config.model, config.loss
+  mods = tuple(config.modalities)
+  configs = tuple((m, adapters.AdapterConfig.from_dict(dict(mcfg.adapters[m]))) for m in mods)
+  pairs = losses.resolve_pairs(lcfg.pairs if lcfg.pairs in ("all", "hub") else
+                               tuple(lcfg.pairs), lcfg.hub, modalities=mods)
+  return Aligner(configs, tuple(sorted(mcfg.widths, reverse=True)), mcfg.mrl_e, pairs,
+                 lcfg.kind, dtype=jnp.dtype(mcfg.dtype))
+
+
+def make_loss_fn(model: Aligner, config):
+  """params, batch, rng -> (loss, metrics): MRL sum over widths of pair losses (+ cycle)."""
+  lcfg = config.loss
+  mods = tuple(config.modalities)
+  trained = {losses.pair_name(*p) for p in model.pairs}
+  pair_weights = {k: float(v) for k, v in dict(lcfg.pair_weights).items() if k in trained}
+  use_cycle = lcfg.cycle_weight > 0 and set(mods) >= {"image", "audio", "text"}
+
+  def loss_fn(params, batch, rng):
+    del rng
+    z = model.apply(params, batch)
+    present = {m: batch[f"{m}/valid"] for m in mods}
+    pair_params = params["params"]["pairs"]
+
+    def at_width(zw):
+      total, metrics = losses.multimodal_contrastive_loss(
+          zw, present, pair_params, kind=lcfg.kind, pairs=model.pairs,
+          pair_weights=pair_weights or None)
+      if use_cycle:
+        both = present["image"] & present["audio"] & present["text"]
+        cyc = losses.cycle_loss(zw["image"], zw["text"], zw["audio"], lcfg.cycle_temperature,
+                                mask=both)
+        metrics["cycle"] = cyc
+        total = total + lcfg.cycle_weight * cyc
+      return total, metrics
+
+    by_width = {w: {m: z[m][w] for m in mods} for w in model.widths}
+    weights = list(lcfg.mrl_weights) if lcfg.mrl_weights else None
+    return losses.matryoshka_loss(at_width, by_width, model.widths, weights)
+
+  return loss_fn
+
+
+def _feature_dir(config, workdir):
+  return config.get("features_dir") or extract.features_dir(config, workdir)
+
+
+def ensure_features(config, workdir: str) -> str:
+  """Extracts features unless `config.features_dir` names a finished cache; returns its dir."""
+  out = _feature_dir(config, workdir)
+  splits = [config.train.split] + list(config.eval.splits)
+  if all(os.path.isfile(os.path.join(out, s, "index.json")) for s in splits):
+    return out
+  if config.get("features_dir"):
+    raise FileNotFoundError(f"config.features_dir={out} lacks finished splits {splits}")
+  logging.info("no feature cache in %s yet: extracting", out)
+  extract.run(config, workdir)
+  return out
+
+
+class Evaluator:
+  """Embeds whole eval splits with the current params and scores six-direction retrieval."""
+
+  def __init__(self, model: Aligner, config, feature_dir: str, mesh):
+    self.model, self.config, self.mesh = model, config, mesh
+    mods = tuple(config.modalities)
+    self.sources = {s: pipeline.FeatureSource(os.path.join(feature_dir, s), mods)
+                    for s in config.eval.splits}
+    self.batch_size = config.eval.batch_size
+    self.apply = jax.jit(self._embed_batch, out_shardings=sharding.replicated(mesh))
+
+  def _embed_batch(self, params, batch):
+    """Embeddings and row bookkeeping of one global batch, replicated to every process."""
+    keys = ["mask", "group"] + [f"{m}/valid" for m in self.config.modalities]
+    return self.model.apply(params, batch), {k: batch[k] for k in keys}
+
+  def embed(self, params, split: str):
+    mods = tuple(self.config.modalities)
+    z = {m: {w: [] for w in self.model.widths} for m in mods}
+    present = {m: [] for m in mods}
+    groups = []
+    for batch in pipeline.make_eval_batches(self.sources[split], self.batch_size,
+                                            jax.process_index(), jax.process_count()):
+      out, rows = self.apply(params, sharding.shard_batch(batch, self.mesh))
+      keep = np.asarray(rows["mask"])
+      for m in mods:
+        present[m].append(np.asarray(rows[f"{m}/valid"])[keep])
+        for w in self.model.widths:
+          z[m][w].append(np.asarray(out[m][w])[keep])
+      groups.append(np.asarray(rows["group"])[keep])
+    return ({m: {w: np.concatenate(v) for w, v in zw.items()} for m, zw in z.items()},
+            {m: np.concatenate(v) for m, v in present.items()}, np.concatenate(groups))
+
+  def __call__(self, params, step: int) -> Dict[str, float]:
+    metrics = {}
+    for split in self.config.eval.splits:
+      z, present, groups = self.embed(params, split)
+      widths = self.model.widths
+      full = {m: z[m][widths[0]] for m in z}
+      scores = evaluate.six_direction_retrieval(full, groups, widths=widths, present=present)
+      prefix = "" if split == self.config.eval.splits[-1] else f"{split}/"
+      metrics.update({prefix + k: v for k, v in scores.items()})
+      if jax.process_index() == 0:
+        logging.info("step %d, %s retrieval:\n%s", step, split, evaluate.format_table(scores))
+    return metrics
+
+
+def run(config, workdir: str) -> dict:
+  feature_dir = ensure_features(config, workdir)
+  mods = tuple(config.modalities)
+  train_src = pipeline.FeatureSource(os.path.join(feature_dir, config.train.split), mods,
+                                     seed=config.seed)
+  model = build_model(config)
+  mesh = sharding.make_mesh(config.mesh)
+  example = train_src.get_batch(np.arange(2), 0)
+  train_iter = pipeline.make_train_loader(train_src, config.train.batch_size, config.seed,
+                                          jax.process_index(), jax.process_count())
+  evaluator = Evaluator(model, config, feature_dir, mesh)
+  task = loop.Task(
+      init_params=lambda rng: model.init(rng, example),
+      loss_fn=make_loss_fn(model, config),
+      train_iter=train_iter,
+      evaluate=evaluator,
+      batch_ids=train_src.batch_ids)
+  result = loop.train(config, workdir, task)
+  result.pop("state", None)
+  return result

@@ -1,0 +1,65 @@
+"""Tiny random encoders and configs shared by the tests (compiles in seconds on a CPU)."""
+import os
+
+from edgeglass_jax import configs
+
+WORDS = ("a the small large tiny big red green blue yellow purple orange black white circle "
+         "square triangle star cross ring on at left right center middle of shape there is "
+         "side in").split()
+
+
+def tiny_tokenizer_dir(path):
+  from transformers import BertTokenizerFast
+  os.makedirs(path, exist_ok=True)
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(WORDS))
+  with open(os.path.join(path, "vocab.txt"), "w") as f:
+    f.write("\n".join(vocab) + "\n")
+  BertTokenizerFast(os.path.join(path, "vocab.txt")).save_pretrained(path)
+  return path, len(vocab)
+
+
+def tiny_config(tmp_dir, n=24):
+  """Extraction config with tiny random encoders for all three modalities."""
+  tok_dir, vocab = tiny_tokenizer_dir(os.path.join(tmp_dir, "tok"))
+  config = configs.base("extract")
+  config.data = configs.synthetic_data(num_train=n, num_val=8, num_test=8, image_size=32,
+                                       audio_seconds=0.5)
+  config.data.splits = ("train",)
+  config.encoders = dict(
+      image=configs.encoder_spec(random=True, family="clip_vision_model", hf_config=dict(
+          image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+          num_hidden_layers=2, num_attention_heads=4)),
+      audio=configs.encoder_spec(random=True, family="whisper", max_seconds=0.5, hf_config=dict(
+          d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+          num_mel_bins=80, max_source_positions=1500)),
+      text=configs.encoder_spec(random=True, family="bert", tokenizer=tok_dir, max_len=16,
+                                hf_config=dict(vocab_size=vocab, hidden_size=32,
+                                               num_hidden_layers=2, num_attention_heads=4,
+                                               intermediate_size=64,
+                                               max_position_embeddings=32)))
+  config.extract = configs.extract(batch_size=8, shard_size=8, dtype="float32")
+  config.extract.progress = False
+  return config
+
+
+def tiny_align_config(tmp_dir, n=48, steps=6, batch_size=16):
+  """`align` config over tiny random encoders: 2 checkpoints, small adapters, widths 32/16."""
+  config = tiny_config(tmp_dir, n=n)
+  config.task = "align"
+  config.data.splits = ("train", "test")
+  config.data.synthetic.num_test = 16
+  config.update(configs.align(widths=(32, 16), steps=steps, batch_size=batch_size,
+                              learning_rate=3e-3))
+  config.eval.splits = ("test",)
+  config.eval.batch_size = 16
+  config.train.log_every = 2
+  config.train.checkpoint_every = 2
+  config.train.async_checkpoint = False
+  for m in ("image", "audio", "text"):
+    config.model.adapters[m].hidden = 32
+    config.model.adapters[m].depth = 1
+  config.model.adapters.image.kind = "perceiver"
+  config.model.adapters.image.num_latents = 4
+  config.model.adapters.audio.kind = "mean"
+  config.loss.cycle_weight = 0.1
+  return config
