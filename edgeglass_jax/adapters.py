@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
@@ -57,21 +58,23 @@ def grid_side(num_tokens: int, factor: int, has_cls: Optional[bool] = None,
   has_cls None infers it: a leading token is dropped when N is not a square but N - 1 is
   (both are squares only for N = 1). Raises when the grid is not square or g % factor != 0.
   """
-  shape = shape if shape is not None else ("B", num_tokens, "D")
+  shape = tuple(shape) if shape is not None else ("B", num_tokens, "D")
   if factor < 1:
     raise ValueError(f"TokenCompressor: factor must be >= 1, got {factor}")
-  if has_cls is None:
-    has_cls = math.isqrt(num_tokens) ** 2 != num_tokens and num_tokens >= 1 and (
-        math.isqrt(num_tokens - 1) ** 2 == num_tokens - 1)
+  is_square = lambda n: n > 0 and math.isqrt(n) ** 2 == n
+  inferred = has_cls is None
+  if inferred:
+    has_cls = not is_square(num_tokens) and is_square(num_tokens - 1)
   n = num_tokens - int(has_cls)
-  g = math.isqrt(max(n, 0))
-  if n <= 0 or g * g != n:
-    what = f"{num_tokens} tokens less a CLS token = {n}" if has_cls else f"{num_tokens} tokens"
-    raise ValueError(f"TokenCompressor: tokens [B, N, D] of shape {tuple(shape)}: {what} do not "
-                     f"form a square grid" + ("" if has_cls else
-                                             " (nor do they with a leading CLS token dropped)"))
+  if not is_square(n):
+    what = (f"{num_tokens} tokens (nor {num_tokens - 1} after a leading CLS token)" if inferred
+            else f"{num_tokens} tokens less the CLS token = {n}" if has_cls
+            else f"{num_tokens} tokens")
+    raise ValueError(f"TokenCompressor: tokens [B, N, D] of shape {shape}: {what} do not form a "
+                     f"square grid")
+  g = math.isqrt(n)
   if g % factor:
-    raise ValueError(f"TokenCompressor: tokens [B, N, D] of shape {tuple(shape)} form a {g}x{g} "
+    raise ValueError(f"TokenCompressor: tokens [B, N, D] of shape {shape} form a {g}x{g} "
                      f"grid{' after the CLS token' if has_cls else ''}, not divisible by "
                      f"factor {factor}")
   return g, bool(has_cls)
@@ -102,7 +105,8 @@ def _check_widths(widths: Sequence[int]) -> Tuple[int, ...]:
   widths = tuple(widths)
   if not widths:
     raise ValueError("MatryoshkaHead: widths is empty; give at least one width, e.g. (512, 256)")
-  bad = [w for w in widths if isinstance(w, bool) or int(w) != w or int(w) <= 0]
+  bad = [w for w in widths
+         if isinstance(w, bool) or not isinstance(w, numbers.Integral) or int(w) <= 0]
   if bad:
     raise ValueError(f"MatryoshkaHead: widths must be positive integers, got {bad} in {widths}")
   widths = tuple(int(w) for w in widths)
@@ -207,6 +211,7 @@ class PerceiverResampler(nn.Module):
                        f"{self.num_heads}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     dg = dict(dot_general_cls=self.dot_general_cls)
+    # No key biases: softmax ignores a per-query constant, so they would get zero gradient.
     latents = self.param("latents", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), ("latents", "embed")), (self.num_latents, self.width),
                          self.param_dtype)
@@ -215,12 +220,13 @@ class PerceiverResampler(nn.Module):
     lat = jnp.broadcast_to(jnp.asarray(latents, self.dtype),
                            (tokens.shape[0], self.num_latents, self.width))
     q = layers.LayerNorm(name="q_norm", **kw)(lat)
-    lat = lat + layers.MultiHeadAttention(self.num_heads, name="cross_attn", **kw, **dg)(
+    lat = lat + layers.MultiHeadAttention(self.num_heads, key_bias=False, name="cross_attn",
+                                           **kw, **dg)(
         q, kv=x, kv_mask=token_mask)
     lat = ResidualMLPBlock(self.mlp_ratio * self.width, name="cross_mlp", **kw, **dg)(lat)
     for i in range(self.depth):
       lat = layers.PreNormBlock(self.num_heads, self.mlp_ratio * self.width, act="gelu",
-                                name=f"block{i}", **kw, **dg)(lat)
+                                key_bias=False, name=f"block{i}", **kw, **dg)(lat)
     return layers.LayerNorm(name="norm", **kw)(lat)
 
   def pooled(self, tokens: Array, token_mask: Optional[Array] = None) -> Array:
@@ -301,10 +307,10 @@ class MatryoshkaHead(nn.Module):
 class AdapterConfig:
   """How one modality's cached features become its shared-space embedding.
 
-  kind: "mlp" (MLPProjector on `pooled`), "mean" (masked mean of the tokens, or `pooled` when
-    there are none, then MLPProjector), "perceiver" (PerceiverResampler with `num_latents` latents
-    of width `hidden`, mean over latents), "compress" (TokenCompressor by `factor` to `hidden`,
-    the projector's residual blocks on each compressed token, masked mean).
+  kind: "mlp" (MLPProjector on `pooled`; tokens are ignored), "mean" (masked mean of the tokens,
+    or `pooled` when there are none, then MLPProjector), "perceiver" (PerceiverResampler with
+    `num_latents` latents of width `hidden`, mean over latents), "compress" (TokenCompressor by
+    `factor` to `hidden`, the projector's blocks on each compressed token, masked mean).
   hidden: adapter width; depth: residual MLP blocks (perceiver: self-attention blocks);
   mlp_ratio: MLP hidden units per adapter unit; style: MLPProjector style ("residual" |
   "freeze_align"); has_cls: compress only, whether tokens start with a CLS token (None: infer).

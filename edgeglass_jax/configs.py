@@ -47,8 +47,9 @@ def extract(batch_size=64, shard_size=256, dtype="float16"):
       keep_tokens=("image", "audio"), max_reject_fraction=0.01, progress=True, output_dir=""))
 
 
-def mesh(data=-1, fsdp=1, tensor=1):
-  return mlc.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+def mesh(data=-1, fsdp=1, tensor=1, num_devices=-1):
+  """Mesh axis sizes (one may be -1: the rest); `num_devices` uses the first N devices."""
+  return mlc.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, num_devices=num_devices))
 
 
 def base(task: str):
@@ -72,7 +73,7 @@ def align(widths=(256, 128, 64, 32), steps=600, batch_size=256, learning_rate=1e
   """Model, loss, train and eval sections of an `align` config."""
   config = mlc.ConfigDict()
   config.features_dir = ""
-  config.model = dict(widths=widths, mrl_e=False, dtype="float32",
+  config.model = dict(widths=widths, mrl_e=True, dtype="float32",
                       adapters=dict(image=adapter(), audio=adapter(), text=adapter()))
   config.loss = dict(kind="sigmoid", pairs="all", hub="image", pair_weights=dict(image_text=1.0, audio_text=1.0, image_audio=1.0),
                      cycle_weight=0.0, cycle_temperature=0.1, mrl_weights=())

@@ -28,6 +28,15 @@ def write_results(workdir: str, task: str, result: dict) -> str:
   return path
 
 
+def quiet_library_logs():
+  """Keeps orbax's per-save INFO chatter out of the console; its warnings still show."""
+  import logging as py_logging
+
+  def keep(record):
+    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+  logging.get_absl_handler().addFilter(keep)
+
+
 def run(config, workdir: str) -> dict:
   import jax
   from edgeglass_jax import tasks
@@ -45,6 +54,7 @@ def run(config, workdir: str) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  quiet_library_logs()
   run(_CONFIG.value, _WORKDIR.value)
 
 

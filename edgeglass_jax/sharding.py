@@ -55,9 +55,17 @@ def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> Tuple[int, int,
 
 def make_mesh(mesh_cfg: Optional[Mapping[str, int]] = None,
               devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A `(data, fsdp, tensor)` mesh over `devices` (default: every device of every host)."""
+  """A `(data, fsdp, tensor)` mesh over `devices` (default: every device of every host).
+
+  `mesh_cfg` holds the axis sizes and optionally `num_devices` (use the first N; -1 = all).
+  """
+  mesh_cfg = dict(mesh_cfg or {"data": -1})
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(dict(mesh_cfg or {"data": -1}), len(devices))
+  num = int(mesh_cfg.pop("num_devices", -1))
+  if num > len(devices):
+    raise ValueError(f"config.mesh.num_devices={num}, but only {len(devices)} devices exist")
+  devices = devices[:num] if num > 0 else devices
+  shape = mesh_shape(mesh_cfg, len(devices))
   try:
     grid = mesh_utils.create_device_mesh(shape, devices)
   except (AssertionError, ValueError, NotImplementedError):

@@ -150,9 +150,10 @@ class Evaluator:
     metrics = {}
     for split in self.config.eval.splits:
       z, present, groups = self.embed(params, split)
-      widths = self.model.widths
-      full = {m: z[m][widths[0]] for m in z}
-      scores = evaluate.six_direction_retrieval(full, groups, widths=widths, present=present)
+      scores = {}
+      for w in self.model.widths:  # each width's own head output (prefixes only under MRL-E)
+        scores.update(evaluate.six_direction_retrieval({m: z[m][w] for m in z}, groups,
+                                                       widths=[w], present=present))
       prefix = "" if split == self.config.eval.splits[-1] else f"{split}/"
       metrics.update({prefix + k: v for k, v in scores.items()})
       if jax.process_index() == 0:
@@ -160,7 +161,8 @@ class Evaluator:
     return metrics
 
 
-def run(config, workdir: str) -> dict:
+def make_task(config, workdir: str) -> loop.Task:
+  """The align task's model, loss, data and eval for the shared loop (features extracted first)."""
   feature_dir = ensure_features(config, workdir)
   mods = tuple(config.modalities)
   train_src = pipeline.FeatureSource(os.path.join(feature_dir, config.train.split), mods,
@@ -171,12 +173,15 @@ def run(config, workdir: str) -> dict:
   train_iter = pipeline.make_train_loader(train_src, config.train.batch_size, config.seed,
                                           jax.process_index(), jax.process_count())
   evaluator = Evaluator(model, config, feature_dir, mesh)
-  task = loop.Task(
+  return loop.Task(
       init_params=lambda rng: model.init(rng, example),
       loss_fn=make_loss_fn(model, config),
       train_iter=train_iter,
       evaluate=evaluator,
       batch_ids=train_src.batch_ids)
-  result = loop.train(config, workdir, task)
+
+
+def run(config, workdir: str) -> dict:
+  result = loop.train(config, workdir, make_task(config, workdir))
   result.pop("state", None)
   return result

@@ -182,8 +182,11 @@ def init_state(task: Task, tx, mesh, rng, rules=None):
   return state, shardings
 
 
-def train(config, workdir: str, task: Task) -> Dict[str, Any]:
-  """Runs (or resumes) training; returns `{"step": N, "metrics": {...}}`."""
+def train(config, workdir: str, task: Task, hooks=()) -> Dict[str, Any]:
+  """Runs (or resumes) training; returns `{"step": N, "metrics": {...}, "state": TrainState}`.
+
+  `hooks` are called with the step number after each step (and its checkpoint, if any).
+  """
   cfg = config.train
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules([tuple(r) for r in config.get("axis_rules", ())])
@@ -209,7 +212,7 @@ def train(config, workdir: str, task: Task) -> Dict[str, Any]:
   is_lead = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_lead,
                                                 asynchronous=True)
-  hooks = [periodic_actions.ReportProgress(num_train_steps=cfg.steps, writer=writer,
+  progress = [periodic_actions.ReportProgress(num_train_steps=cfg.steps, writer=writer,
                                            every_steps=cfg.log_every)] if is_lead else []
   eval_metrics: Dict[str, float] = {}
   train_metrics: Dict[str, float] = {}
@@ -246,8 +249,8 @@ def train(config, workdir: str, task: Task) -> Dict[str, Any]:
               f"were saved at step {step} in {ckpt.manager.directory}. Check the data (the "
               f"warnings above name the examples) or lower the learning rate.")
         pending_streak = streak
-        for hook in hooks:
-          hook(step)
+        for report in progress:
+          report(step)
         if step % cfg.log_every == 0 or step == cfg.steps:
           train_metrics = {f"train/{k}": v for k, v in averages.compute().items()}
           writer.write_scalars(step, train_metrics)
@@ -256,6 +259,8 @@ def train(config, workdir: str, task: Task) -> Dict[str, Any]:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
           ckpt.save(step, state, task.train_iter,
                     metrics=dict(eval_metrics) if cfg.keep_best_metric else None)
+        for hook in hooks:
+          hook(step)
     if int(state.nonfinite_streak) >= cfg.max_nonfinite:
       raise NonFiniteError(f"the last {int(state.nonfinite_streak)} updates were non-finite")
   finally:
