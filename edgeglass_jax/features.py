@@ -154,7 +154,7 @@ _PLACEHOLDER = {"image": np.zeros((8, 8, 3), np.uint8), "audio": np.zeros((1600,
                 "text": "placeholder"}
 
 
-class _Runner:
+class Runner:
   """Runs one modality's encoder on lists of decoded values in fixed-size padded batches."""
 
   def __init__(self, encoder: Encoder, mesh, batch_size: int, keep_tokens: bool, dtype):
@@ -267,7 +267,7 @@ def extract_split(source, split_dir: str, encoders: Dict[str, Encoder], mesh, *,
   from tqdm.auto import tqdm
   os.makedirs(split_dir, exist_ok=True)
   np_dtype = np.dtype(dtype)
-  runners = {m: _Runner(e, mesh, batch_size, m in keep_tokens, np_dtype)
+  runners = {m: Runner(e, mesh, batch_size, m in keep_tokens, np_dtype)
              for m, e in encoders.items()}
   num_shards = -(-len(source) // shard_size)
   mine = [s for s in range(num_shards) if s % jax.process_count() == jax.process_index()]

@@ -186,3 +186,15 @@ def test_quickstart_retrieval_far_above_chance(tmp_path):
   for d in ("image_to_text", "text_to_image", "audio_to_text", "text_to_audio",
             "image_to_audio", "audio_to_image"):
     assert metrics[f"{d}/R@1@d256"] > 5 * chance_r1, (d, metrics[f"{d}/R@1@d256"], chance_r1)
+
+
+def test_eval_reports_six_directions_and_zero_shot_at_every_width(reference):
+  metrics = reference[0]["metrics"]
+  for a, b in [("image", "text"), ("text", "image"), ("audio", "text"), ("text", "audio"),
+               ("image", "audio"), ("audio", "image")]:
+    for w in (32, 16):
+      for name in ("R@1", "R@5", "R@10", "mAP"):
+        assert 0.0 <= metrics[f"{a}_to_{b}/{name}@d{w}"] <= 1.0
+  for m in ("image", "audio"):
+    for attribute in ("color", "shape", "size", "position"):
+      assert 0.0 <= metrics[f"zeroshot/{m}/{attribute}@d32"] <= 1.0

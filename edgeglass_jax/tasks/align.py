@@ -113,6 +113,35 @@ def ensure_features(config, workdir: str) -> str:
   return out
 
 
+def prompt_features(config, feature_dir: str):
+  """Frozen-text-encoder features of the synthetic set's zero-shot prompts, cached on disk.
+
+  Returns `{attribute: pooled [C, D]}` (classes in `synthetic.VOCAB` order), or None when the
+  data is not the synthetic set or there is no text modality.
+  """
+  if config.data.source != "synthetic" or "text" not in config.modalities:
+    return None
+  from safetensors.numpy import load_file, save_file
+  from edgeglass_jax import features
+  from edgeglass_jax.data import synthetic
+  path = os.path.join(feature_dir, "prompts.safetensors")
+  if not os.path.isfile(path):
+    encoder = features.build_encoder("text", config.encoders.text)
+    runner = features.Runner(encoder, sharding.make_mesh(config.mesh), 64, False, np.float32)
+    save_file({a: runner(synthetic.prompts_for(a))["pooled"] for a in synthetic.ATTRIBUTE_NAMES},
+              path + ".tmp")
+    os.replace(path + ".tmp", path)
+  return load_file(path)
+
+
+def attribute_labels(groups: np.ndarray) -> Dict[str, np.ndarray]:
+  """Per-attribute class indices of synthetic examples from their group ids."""
+  from edgeglass_jax.data import synthetic
+  attrs = [synthetic.attributes_of(g) for g in groups]
+  return {name: np.array([synthetic.VOCAB[name].index(a[i]) for a in attrs])
+          for i, name in enumerate(synthetic.ATTRIBUTE_NAMES)}
+
+
 class Evaluator:
   """Embeds whole eval splits with the current params and scores six-direction retrieval."""
 
@@ -123,6 +152,23 @@ class Evaluator:
                     for s in config.eval.splits}
     self.batch_size = config.eval.batch_size
     self.apply = jax.jit(self._embed_batch, out_shardings=sharding.replicated(mesh))
+    self.prompts = prompt_features(config, feature_dir)
+    self.embed_text = jax.jit(lambda p, pooled: model.apply(
+        p, {"text/pooled": pooled}, "text", method=Aligner.embed))
+
+  def zero_shot(self, params, z, present, groups) -> Dict[str, float]:
+    """Accuracy of classifying each attribute from image/audio embeddings by text prompts."""
+    labels = attribute_labels(groups)
+    out = {}
+    for attribute, pooled in self.prompts.items():
+      prompts = self.embed_text(params, pooled)
+      for m in z:
+        if m == "text" or not present[m].any():
+          continue
+        for w in self.model.widths:
+          out[f"zeroshot/{m}/{attribute}@d{w}"] = evaluate.zero_shot_classification(
+              z[m][w], np.asarray(prompts[w]), labels[attribute], mask=present[m])
+    return out
 
   def _embed_batch(self, params, batch):
     """Embeddings and row bookkeeping of one global batch, replicated to every process."""
@@ -154,10 +200,15 @@ class Evaluator:
       for w in self.model.widths:  # each width's own head output (prefixes only under MRL-E)
         scores.update(evaluate.six_direction_retrieval({m: z[m][w] for m in z}, groups,
                                                        widths=[w], present=present))
+      if self.prompts is not None:
+        scores.update(self.zero_shot(params, z, present, groups))
       prefix = "" if split == self.config.eval.splits[-1] else f"{split}/"
       metrics.update({prefix + k: v for k, v in scores.items()})
       if jax.process_index() == 0:
-        logging.info("step %d, %s retrieval:\n%s", step, split, evaluate.format_table(scores))
+        curve = evaluate.matryoshka_curve(scores)
+        logging.info("step %d, %s retrieval:\n%s\nMatryoshka curve (mean R@1 over directions): "
+                     "%s", step, split, evaluate.format_table(scores),
+                     ", ".join(f"d{w}: {100 * v:.1f}" for w, v in curve.items()))
     return metrics
 
 
