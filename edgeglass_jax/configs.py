@@ -75,7 +75,7 @@ def align(widths=(256, 128, 64, 32), steps=600, batch_size=256, learning_rate=1e
   config.features_dir = ""
   config.model = dict(widths=widths, mrl_e=True, dtype="float32",
                       adapters=dict(image=adapter(), audio=adapter(), text=adapter()))
-  config.loss = dict(kind="sigmoid", pairs="all", hub="image", pair_weights=dict(image_text=1.0, audio_text=1.0, image_audio=1.0),
+  config.loss = dict(kind="sigmoid", ring=False, pairs="all", hub="image", pair_weights=dict(image_text=1.0, audio_text=1.0, image_audio=1.0),
                      cycle_weight=0.0, cycle_temperature=0.1, mrl_weights=())
   config.train = dict(
       split="train", steps=steps, batch_size=batch_size, learning_rate=learning_rate,

@@ -238,8 +238,12 @@ def multimodal_contrastive_loss(
     z: Mapping[str, Array], present: Optional[Mapping[str, Array]],
     pair_params: Mapping[str, Mapping[str, Array]], kind: str = "sigmoid",
     pairs: PairSpec = "all", hub: str = "image",
-    pair_weights: Optional[Mapping[str, float]] = None) -> Tuple[Array, Dict[str, Array]]:
+    pair_weights: Optional[Mapping[str, float]] = None,
+    sigmoid_fn: Optional[Callable[..., Array]] = None) -> Tuple[Array, Dict[str, Array]]:
   """Sum over modality pairs of `weight * pair loss`, and per-pair metrics.
+
+  `sigmoid_fn(za, zb, t_prime, b, mask)` computes each sigmoid pair loss (default
+  `sigmoid_loss`; pass a `sharded_sigmoid_loss` partial for the ring version).
 
   z: modality -> normalised `[N, D]`; present: modality -> `[N]` bool (a missing key or None:
   all present); a pair's loss uses the examples that have both modalities. Pairs as
@@ -269,7 +273,7 @@ def multimodal_contrastive_loss(
     mask = _mask_or_ones(present.get(a), n, f"present[{a!r}]") & _mask_or_ones(
         present.get(c), n, f"present[{c!r}]")
     if kind == "sigmoid":
-      loss = sigmoid_loss(z[a], z[c], p["t_prime"], p["b"], mask)
+      loss = (sigmoid_fn or sigmoid_loss)(z[a], z[c], p["t_prime"], p["b"], mask)
       metrics[f"{name}/scale"] = jnp.exp(p["t_prime"])
       metrics[f"{name}/bias"] = jnp.asarray(p["b"])
     else:

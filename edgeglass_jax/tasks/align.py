@@ -63,9 +63,19 @@ def build_model(config, feature_dims=None) -> Aligner:
                  lcfg.kind, dtype=jnp.dtype(mcfg.dtype))
 
 
-def make_loss_fn(model: Aligner, config):
-  """params, batch, rng -> (loss, metrics): MRL sum over widths of pair losses (+ cycle)."""
+def make_loss_fn(model: Aligner, config, mesh=None):
+  """params, batch, rng -> (loss, metrics): MRL sum over widths of pair losses (+ cycle).
+
+  With `config.loss.ring` (sigmoid only) each pair loss is the ring version under `shard_map`
+  over the batch axes of `mesh`: no device materialises the global `[N, N]` logits.
+  """
   lcfg = config.loss
+  sigmoid_fn = None
+  if lcfg.ring:
+    if lcfg.kind != "sigmoid" or mesh is None:
+      raise ValueError("config.loss.ring needs loss.kind='sigmoid' and a mesh")
+    sigmoid_fn = lambda za, zb, t, b, mask: losses.sharded_sigmoid_loss(
+        za, zb, t, b, mesh, axis=sharding.BATCH_AXES, mask=mask)
   mods = tuple(config.modalities)
   trained = {losses.pair_name(*p) for p in model.pairs}
   pair_weights = {k: float(v) for k, v in dict(lcfg.pair_weights).items() if k in trained}
@@ -80,7 +90,7 @@ def make_loss_fn(model: Aligner, config):
     def at_width(zw):
       total, metrics = losses.multimodal_contrastive_loss(
           zw, present, pair_params, kind=lcfg.kind, pairs=model.pairs,
-          pair_weights=pair_weights or None)
+          pair_weights=pair_weights or None, sigmoid_fn=sigmoid_fn)
       if use_cycle:
         both = present["image"] & present["audio"] & present["text"]
         cyc = losses.cycle_loss(zw["image"], zw["text"], zw["audio"], lcfg.cycle_temperature,
@@ -226,7 +236,7 @@ def make_task(config, workdir: str) -> loop.Task:
   evaluator = Evaluator(model, config, feature_dir, mesh)
   return loop.Task(
       init_params=lambda rng: model.init(rng, example),
-      loss_fn=make_loss_fn(model, config),
+      loss_fn=make_loss_fn(model, config, mesh),
       train_iter=train_iter,
       evaluate=evaluator,
       batch_ids=train_src.batch_ids)
