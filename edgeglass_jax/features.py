@@ -295,14 +295,25 @@ def extract_split(source, split_dir: str, encoders: Dict[str, Encoder], mesh, *,
     if on_shard_done is not None:
       on_shard_done(shard)
   bar.close()
+  _barrier(f"extract shards {split_dir}")
   return _finish_split(split_dir, source, num_shards, encoders, dtype, max_reject_fraction)
 
 
+def _barrier(name: str):
+  """Waits for every process (a no-op in a single-process run)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def _finish_split(split_dir, source, num_shards, encoders, dtype, max_reject_fraction):
+  """Writes `index.json` once every process's shards are on disk (process 0 writes it)."""
   metas = []
   for s in range(num_shards):
-    if not shard_done(split_dir, s):  # another process's shard, not yet written
-      return {}
+    if not shard_done(split_dir, s):
+      raise FileNotFoundError(
+          f"{split_dir}: shard {s} is missing after every process finished its shards; a "
+          f"process may have crashed or the directory is not shared. Rerun to resume.")
     with open(os.path.join(split_dir, SHARD.format(s) + ".json")) as f:
       metas.append(json.load(f))
   rejects = sum(len(m["rejects"]) for m in metas)
@@ -312,8 +323,12 @@ def _finish_split(split_dir, source, num_shards, encoders, dtype, max_reject_fra
            "encoders": {m: e.info for m, e in encoders.items()},
            "shards": [{"file": SHARD.format(s) + ".safetensors", "start": m["start"],
                        "count": m["count"]} for s, m in enumerate(metas)]}
-  with open(os.path.join(split_dir, "index.json"), "w") as f:
-    json.dump(index, f, indent=1)
+  if jax.process_index() == 0:
+    path = os.path.join(split_dir, "index.json")
+    with open(path + ".tmp", "w") as f:
+      json.dump(index, f, indent=1)
+    os.replace(path + ".tmp", path)
+  _barrier(f"extract index {split_dir}")
   if attempted and rejects / attempted > max_reject_fraction:
     raise RejectsExceeded(
         f"{split_dir}: {rejects} of {attempted} example-modalities could not be decoded "

@@ -37,13 +37,42 @@ def quiet_library_logs():
   logging.get_absl_handler().addFilter(keep)
 
 
+COORDINATOR_ENV = ("EDGEGLASS_COORDINATOR", "EDGEGLASS_NUM_PROCESSES", "EDGEGLASS_PROCESS_ID")
+
+
+def initialize_distributed():
+  """Joins this process to its JAX cluster.
+
+  With `EDGEGLASS_COORDINATOR=host:port`, `EDGEGLASS_NUM_PROCESSES` and `EDGEGLASS_PROCESS_ID`
+  set (launch/local_multiprocess.sh, clusters JAX cannot detect), those are used; otherwise
+  `jax.distributed.initialize()` detects the cluster itself (Cloud TPU, SLURM, Open MPI).
+  """
+  import jax
+  values = {k: os.environ.get(k) for k in COORDINATOR_ENV}
+  if not any(values.values()):
+    jax.distributed.initialize()
+    return
+  missing = [k for k, v in values.items() if not v]
+  if missing:
+    raise ValueError(f"distributed run: {missing} not set (set all of {list(COORDINATOR_ENV)})")
+  try:
+    num, pid = int(values["EDGEGLASS_NUM_PROCESSES"]), int(values["EDGEGLASS_PROCESS_ID"])
+  except ValueError as e:
+    raise ValueError(f"distributed run: EDGEGLASS_NUM_PROCESSES / EDGEGLASS_PROCESS_ID must be "
+                     f"integers, got {values}") from e
+  if not 0 <= pid < num:
+    raise ValueError(f"distributed run: EDGEGLASS_PROCESS_ID={pid} is not in [0, {num})")
+  jax.distributed.initialize(coordinator_address=values["EDGEGLASS_COORDINATOR"],
+                             num_processes=num, process_id=pid)
+
+
 def run(config, workdir: str) -> dict:
   import jax
   from edgeglass_jax import tasks
   if config.get("jax_platforms"):
     jax.config.update("jax_platforms", config.jax_platforms)
   if config.get("distributed", False):
-    jax.distributed.initialize()
+    initialize_distributed()
   os.makedirs(workdir, exist_ok=True)
   result = tasks.get(config.task)(config, workdir)
   if jax.process_index() == 0:

