@@ -1,5 +1,6 @@
 """Retrieval metrics on hand-built rankings and against a brute-force loop reference."""
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -221,3 +222,32 @@ def test_format_table(tri):
   assert cells[1] == f"{100 * out['audio_to_image/R@1@d16']:.1f}"
   assert cells[-1] == f"{100 * out['audio_to_image/mAP@d4']:.1f}"
   assert E.format_table({"loss": 1.0}) == "(no retrieval metrics)"
+
+
+def _run_metrics(r1, widths, zero_shot):
+  m = {f"{a}_to_{b}/R@1@d{w}": r1 * w / max(widths)
+       for a, b in itertools.permutations(("image", "audio", "text"), 2) for w in widths}
+  m.update({f"zeroshot/image/color@d{w}": zero_shot for w in widths})
+  return m
+
+
+def test_compare_runs_table_and_cli(tmp_path, capsys):
+  runs = {"a": _run_metrics(0.5, (64, 32), 0.25), "b": _run_metrics(0.8, (64,), 0.75)}
+  table = E.compare_runs(runs)
+  lines = table.splitlines()
+  assert lines[0] == "R@1 (%) on the test split at d64:"
+  assert lines[-2] == "| a | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 / 25.0 | 25.0 / - |"
+  assert lines[-1] == "| b | 80.0 | 80.0 | 80.0 | 80.0 | 80.0 | 80.0 | 80.0 / - | 75.0 / - |"
+  assert "| a | 25.0 |" in E.compare_runs(runs | {"b": runs["a"]}, width=32)
+  with pytest.raises(ValueError, match="share no width"):
+    E.compare_runs({"a": _run_metrics(0.5, (32,), 0), "b": _run_metrics(0.5, (64,), 0)})
+
+  from edgeglass_jax import compare
+  for name, metrics in runs.items():
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "results.json").write_text(json.dumps({"metrics": metrics}))
+  assert compare.main([f"first={tmp_path / 'a'}", str(tmp_path / "b")]) == 0
+  out = capsys.readouterr().out
+  assert "| first | 50.0 |" in out and "| b | 80.0 |" in out
+  with pytest.raises(FileNotFoundError, match="nope/results.json"):
+    compare.load_runs([str(tmp_path / "nope")])
