@@ -41,6 +41,23 @@ def demo_encoders(image_size=64, audio_seconds=1.0):
       text=encoder_spec(package="all-MiniLM-L6-v2", max_len=32)))
 
 
+def tiny_random_encoders(width=32, image_size=32, patch_size=8, audio_seconds=0.5,
+                         tokenizer="", vocab_size=30522, max_len=16):
+  """Seeded random 2-layer encoders of width `width` for all three modalities: smoke runs, tests
+  and notebooks that need no weights. The BERT reads `tokenizer` (a local directory whose
+  vocabulary fits `vocab_size`)."""
+  layers = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * width)
+  return mlc.ConfigDict(dict(
+      image=encoder_spec(random=True, family="clip_vision_model", hf_config=dict(
+          image_size=image_size, patch_size=patch_size, hidden_size=width, **layers)),
+      audio=encoder_spec(random=True, family="whisper", max_seconds=audio_seconds, hf_config=dict(
+          d_model=width, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=2 * width,
+          num_mel_bins=80, max_source_positions=1500)),
+      text=encoder_spec(random=True, family="bert", tokenizer=tokenizer, max_len=max_len,
+                        hf_config=dict(vocab_size=vocab_size, hidden_size=width,
+                                       max_position_embeddings=2 * max_len, **layers))))
+
+
 def extract(batch_size=64, shard_size=256, dtype="float16"):
   return mlc.ConfigDict(dict(
       batch_size=batch_size, shard_size=shard_size, dtype=dtype, compute_dtype="float32",

@@ -25,18 +25,7 @@ def tiny_config(tmp_dir, n=24):
   config.data = configs.synthetic_data(num_train=n, num_val=8, num_test=8, image_size=32,
                                        audio_seconds=0.5)
   config.data.splits = ("train",)
-  config.encoders = dict(
-      image=configs.encoder_spec(random=True, family="clip_vision_model", hf_config=dict(
-          image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-          num_hidden_layers=2, num_attention_heads=4)),
-      audio=configs.encoder_spec(random=True, family="whisper", max_seconds=0.5, hf_config=dict(
-          d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
-          num_mel_bins=80, max_source_positions=1500)),
-      text=configs.encoder_spec(random=True, family="bert", tokenizer=tok_dir, max_len=16,
-                                hf_config=dict(vocab_size=vocab, hidden_size=32,
-                                               num_hidden_layers=2, num_attention_heads=4,
-                                               intermediate_size=64,
-                                               max_position_embeddings=32)))
+  config.encoders = configs.tiny_random_encoders(tokenizer=tok_dir, vocab_size=vocab)
   config.extract = configs.extract(batch_size=8, shard_size=8, dtype="float32")
   config.extract.progress = False
   return config
