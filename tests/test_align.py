@@ -1,5 +1,6 @@
 """The align task and the shared loop: sharded == 1 device, exact resume, damaged checkpoints,
 NaN in a batch, the quickstart's retrieval quality and the ablation configs."""
+import dataclasses
 import glob
 import json
 import logging
@@ -222,3 +223,28 @@ def test_bf16_compute_trains_close_to_float32(features_dir, reference, tmp_path)
   np.testing.assert_allclose(float(loss_bf16), float(loss_f32), rtol=2e-2)
   result = train(config, tmp_path / "run")
   assert result["step"] == 2 and np.isfinite(result["metrics"]["train/loss"])
+
+
+def test_keep_latest_and_best_checkpoints(features_dir, tmp_path):
+  """keep=1 latest + keep_best=1 by an eval metric (mode min, so the best is well defined even
+  when retrieval is flat): exactly the last step and the best-scoring eval step survive."""
+  metric = "image_to_text/R@1@d32"
+  config = make_config(features_dir, steps=8, eval_every=2, checkpoint_every=2, keep=1,
+                       keep_best_metric=metric, keep_best=1, best_mode="min")
+  task = align.make_task(config, str(tmp_path))
+  seen = {}
+
+  def evaluate(params, step):
+    metrics = dict(task.evaluate(params, step))
+    metrics[metric] = seen[step] = {2: 0.5, 4: 0.1, 6: 0.3, 8: 0.4}[step]
+    return metrics
+
+  result = loop.train(config, str(tmp_path), dataclasses.replace(task, evaluate=evaluate))
+  best = min(seen, key=seen.get)
+  assert best == 4 and result["metrics"]["checkpoint/best_step"] == 4
+  manager = loop.Checkpointer(str(tmp_path / "checkpoints"), config.train).manager
+  assert sorted(manager.all_steps()) == [4, 8]
+
+  config.train.keep_best_metric = "no_such_metric"
+  with pytest.raises(KeyError, match="keep_best_metric='no_such_metric' is not an eval metric"):
+    train(config, tmp_path / "bad")

@@ -113,18 +113,38 @@ def make_train_step(loss_fn, tx):
 
 
 class Checkpointer:
-  """orbax CheckpointManager for `state` and the data iterator (`data`)."""
+  """orbax CheckpointManager for `state` and the data iterator (`data`).
+
+  Keeps the latest `cfg.keep` steps (to resume) and, with `cfg.keep_best_metric` set, also the
+  `cfg.keep_best` steps whose eval metric is best (`cfg.best_mode` "max" or "min"); a step
+  carries metrics only when eval ran at that step.
+  """
 
   def __init__(self, directory: str, cfg):
-    best = cfg.keep_best_metric or None
+    self.best_metric = cfg.get("keep_best_metric") or None
+    if cfg.get("best_mode", "max") not in ("max", "min"):
+      raise ValueError(f"config.train.best_mode must be 'max' or 'min', got {cfg.best_mode!r}")
+    policies = [ocp.checkpoint_managers.LatestN(n=cfg.keep)]
+    if self.best_metric:
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=lambda m: m[self.best_metric], reverse=cfg.best_mode == "min",
+          n=cfg.get("keep_best", 1), keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_checkpoint,
-        best_fn=(lambda m: m[best]) if best else None, best_mode=cfg.best_mode,
-        keep_checkpoints_without_metrics=not best, create=True)
+        enable_async_checkpointing=cfg.async_checkpoint, create=True,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        best_fn=(lambda m: m[self.best_metric]) if self.best_metric else None,
+        best_mode=cfg.get("best_mode", "max"))
     self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                          item_names=("state", "data"))
 
   def save(self, step: int, state, data_iter, metrics=None, force=False):
+    if metrics is not None and self.best_metric:
+      if self.best_metric not in metrics:
+        raise KeyError(f"config.train.keep_best_metric={self.best_metric!r} is not an eval "
+                       f"metric; some that are: {sorted(metrics)[:8]}")
+      metrics = {self.best_metric: float(metrics[self.best_metric])}
+    else:
+      metrics = None
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=pipeline.iterator_save_args(data_iter))
     self.manager.save(step, args=args, metrics=metrics, force=force)
@@ -222,9 +242,10 @@ def train(config, workdir: str, task: Task, hooks=()) -> Dict[str, Any]:
   def run_eval(step):
     nonlocal eval_metrics
     if task.evaluate is None:
-      return
+      return None
     eval_metrics = {k: float(v) for k, v in task.evaluate(state.params, step).items()}
     writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+    return eval_metrics
 
   step = start
   try:
@@ -254,11 +275,11 @@ def train(config, workdir: str, task: Task, hooks=()) -> Dict[str, Any]:
         if step % cfg.log_every == 0 or step == cfg.steps:
           train_metrics = {f"train/{k}": v for k, v in averages.compute().items()}
           writer.write_scalars(step, train_metrics)
+        fresh = None
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-          run_eval(step)
+          fresh = run_eval(step)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-          ckpt.save(step, state, task.train_iter,
-                    metrics=dict(eval_metrics) if cfg.keep_best_metric else None)
+          ckpt.save(step, state, task.train_iter, metrics=fresh)
         for hook in hooks:
           hook(step)
     if int(state.nonfinite_streak) >= cfg.max_nonfinite:
@@ -270,4 +291,6 @@ def train(config, workdir: str, task: Task, hooks=()) -> Dict[str, Any]:
     run_eval(step)
   metrics = dict(train_metrics, **eval_metrics)
   metrics["train/skipped_total"] = float(state.nonfinite_total)
+  if ckpt.best_metric and ckpt.manager.best_step() is not None:
+    metrics["checkpoint/best_step"] = float(ckpt.manager.best_step())
   return {"step": step, "metrics": metrics, "state": state}
