@@ -6,6 +6,9 @@ Pins (why):
 - aqtp 0.9.0: last release of AQT.
 - torch 2.13.0: the CPU build that this project's machines carry as a local file; any other
   version pulls several GB of CUDA wheels. Only the tests' HF PyTorch references use it.
+- Upper bounds on the libraries whose APIs the code calls in depth (orbax CheckpointManager and
+  preservation policies, grain's checkpointable iterators, transformers' processors): the
+  tested versions (orbax 0.12.8, grain 0.2.18, transformers 5.23) up to the next minor/major.
 """
 from setuptools import find_packages, setup
 
@@ -15,8 +18,8 @@ CORE = [
     "flax==0.12.8",
     "aqtp==0.9.0",
     "optax",
-    "orbax-checkpoint",
-    "grain",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "grain>=0.2.18,<0.3",
     "ml_collections",
     "einops",
     "clu",
@@ -24,7 +27,7 @@ CORE = [
     "tensorflow-datasets",
     "tensorboard",
     "absl-py",
-    "transformers",
+    "transformers>=5.23,<6",
     "safetensors",
     "tqdm",
     "numpy",
