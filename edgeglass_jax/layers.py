@@ -154,28 +154,70 @@ def combine_masks(attn_mask: Optional[Array], kv_mask: Optional[Array],
   return mask
 
 
+# Above this many logits per (batch, head) the CPU lowering walks (batch, kv-head) blocks one at a
+# time, so each block's [G, Tq, Tk] logits stay in cache (Whisper's 1500x1500: 3-4x faster).
+BLOCKED_CPU_ATTENTION_MIN_LOGITS = 256 * 256
+
+
+def _masked_softmax(logits: Array, mask: Optional[Array]) -> Array:
+  if mask is None:
+    return jax.nn.softmax(logits, axis=-1)
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  return jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
+
+
+def _attention_dense(q, k, v, mask, scale):
+  """q `[B, K, G, Tq, hd]`, k/v `[B, K, Tk, hd]`, mask `[B|1, K|1, G|1, Tq|1, Tk]`."""
+  logits = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+  weights = _masked_softmax(logits, mask).astype(v.dtype)
+  return jnp.einsum("bkgqs,bksd->bkgqd", weights, v)
+
+
+def _attention_blocked(q, k, v, mask, scale):
+  """`_attention_dense`, one (batch, kv-head) block at a time (`lax.map`)."""
+  b, kv = q.shape[:2]
+
+  def block(i):
+    bi, ki = i // kv, i % kv
+    logits = jnp.einsum("gqd,sd->gqs", q[bi, ki], k[bi, ki],
+                        preferred_element_type=jnp.float32) * scale
+    m = None
+    if mask is not None:
+      m = mask[bi if mask.shape[0] > 1 else 0, ki if mask.shape[1] > 1 else 0]
+    return jnp.einsum("gqs,sd->gqd", _masked_softmax(logits, m).astype(v.dtype), v[bi, ki])
+
+  out = jax.lax.map(block, jnp.arange(b * kv))
+  return out.reshape(q.shape[:2] + out.shape[1:])
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array],
                           scale: float) -> Array:
   """Softmax attention with grouped-query heads.
 
   q `[B, Tq, H, hd]`, k/v `[B, Tk, K, hd]` with H a multiple of K; mask boolean broadcastable to
   `[B, H, Tq, Tk]`. Logits and softmax in float32; a fully masked row gives zeros, not NaN.
+  Computed head-major (`[B, K, G, T, hd]`, plain batched matmuls); on CPU, long sequences go
+  block by block (see `BLOCKED_CPU_ATTENTION_MIN_LOGITS`), elsewhere in one piece.
   """
   b, tq, h, hd = q.shape
-  kv_heads = k.shape[2]
-  if h % kv_heads:
-    raise ValueError(f"{h} query heads are not a multiple of {kv_heads} key/value heads")
-  q = q.reshape(b, tq, kv_heads, h // kv_heads, hd)
-  logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
-  logits = logits.reshape(b, h, tq, k.shape[1])
+  tk, kv = k.shape[1], k.shape[2]
+  if h % kv:
+    raise ValueError(f"{h} query heads are not a multiple of {kv} key/value heads")
+  g = h // kv
+  qh = q.reshape(b, tq, kv, g, hd).transpose(0, 2, 3, 1, 4)
+  kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1)
-  if mask is not None:
-    weights = jnp.where(mask, weights, 0.0)
-  weights = weights.reshape(b, kv_heads, h // kv_heads, tq, k.shape[1]).astype(v.dtype)
-  out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
-  return out.reshape(b, tq, h, hd)
+    mask = jnp.asarray(mask)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    mb, mh, mq, _ = mask.shape
+    mask = mask.reshape(mb, kv if mh > 1 else 1, g if mh > 1 else 1, mq, mask.shape[-1])
+  dense = lambda *a: _attention_dense(*a, mask, scale)
+  if tq * tk >= BLOCKED_CPU_ATTENTION_MIN_LOGITS:
+    blocked = lambda *a: _attention_blocked(*a, mask, scale)
+    out = jax.lax.platform_dependent(qh, kh, vh, cpu=blocked, default=dense)
+  else:
+    out = dense(qh, kh, vh)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, tq, h, hd)
 
 
 class MultiHeadAttention(nn.Module):

@@ -1,0 +1,150 @@
+"""layers.py against float64 numpy: attention (padding, [B, T, T] and per-head masks, grouped-query
+heads, fully masked rows, the blocked CPU lowering), Dense with an injected dot_general, norms,
+RoPE and the dtype / param_dtype split."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from edgeglass_jax import layers
+
+RNG = np.random.default_rng(0)
+
+
+def reference_attention(q, k, v, mask, scale):
+  """q [B, Tq, H, hd], k/v [B, Tk, K, hd], mask broadcastable to [B, H, Tq, Tk]; float64."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  h, kv = q.shape[2], k.shape[2]
+  k, v = np.repeat(k, h // kv, axis=2), np.repeat(v, h // kv, axis=2)
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+  if mask is not None:
+    mask = np.broadcast_to(np.asarray(mask, bool), logits.shape)
+    logits = np.where(mask, logits, -np.inf)
+  m = logits.max(-1, keepdims=True)
+  m = np.where(np.isfinite(m), m, 0.0)
+  e = np.exp(logits - m)
+  w = e / np.maximum(e.sum(-1, keepdims=True), 1e-300)
+  return np.einsum("bhqk,bkhd->bqhd", w, v)
+
+
+def qkv(b=2, tq=5, tk=7, h=4, kv=4, hd=8):
+  return (RNG.standard_normal((b, tq, h, hd), np.float32),
+          RNG.standard_normal((b, tk, kv, hd), np.float32),
+          RNG.standard_normal((b, tk, kv, hd), np.float32))
+
+
+def masks(b=2, tq=5, tk=7, h=4):
+  padding = np.ones((b, tk), bool)
+  padding[0, 4:] = False
+  full = RNG.random((b, tq, tk)) > 0.3
+  full[1, 2] = False  # a query that sees nothing: zeros, not NaN
+  per_head = RNG.random((b, h, tq, tk)) > 0.3
+  return {"none": None, "padding": padding[:, None, None, :], "[B,Tq,Tk]": full[:, None],
+          "[B,H,Tq,Tk]": per_head}
+
+
+@pytest.fixture(params=["dense", "blocked"])
+def path(request, monkeypatch):
+  """Runs each attention test through both lowerings (the blocked one forced on CPU)."""
+  if request.param == "blocked":
+    monkeypatch.setattr(layers, "BLOCKED_CPU_ATTENTION_MIN_LOGITS", 1)
+  return request.param
+
+
+@pytest.mark.parametrize("kv", [4, 2, 1], ids=["mha", "gqa2", "mqa"])
+@pytest.mark.parametrize("mask_name", ["none", "padding", "[B,Tq,Tk]", "[B,H,Tq,Tk]"])
+def test_attention_matches_float64_reference(path, kv, mask_name):
+  q, k, v = qkv(kv=kv)
+  mask = masks()[mask_name]
+  out = jax.jit(lambda *a: layers.dot_product_attention(*a, mask, 0.35))(q, k, v)
+  np.testing.assert_allclose(out, reference_attention(q, k, v, mask, 0.35), rtol=2e-5,
+                             atol=2e-6)
+  if mask_name == "[B,Tq,Tk]":
+    assert np.all(np.asarray(out)[1, 2] == 0.0)
+
+
+def test_blocked_lowering_has_the_dense_gradient(monkeypatch):
+  q, k, v = qkv(kv=2)
+  mask = masks()["[B,Tq,Tk]"]
+  loss = lambda *a: jnp.sum(jnp.sin(layers.dot_product_attention(*a, mask, 0.35)))
+  dense = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  monkeypatch.setattr(layers, "BLOCKED_CPU_ATTENTION_MIN_LOGITS", 1)
+  blocked = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  for a, b in zip(dense, blocked):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_rejects_bad_head_counts():
+  q, k, v = qkv(h=4, kv=3)
+  with pytest.raises(ValueError, match="4 query heads are not a multiple of 3"):
+    layers.dot_product_attention(q, k, v, None, 1.0)
+
+
+def test_multi_head_attention_module_masks_and_cross_attention():
+  """The module = projections + `dot_product_attention`; key padding and a causal mask combine."""
+  x = RNG.standard_normal((2, 6, 16), np.float32)
+  kv_mask = np.array([[1, 1, 1, 1, 0, 0], [1] * 6], bool)
+  causal = np.tril(np.ones((6, 6), bool))[None].repeat(2, 0)
+  mha = layers.MultiHeadAttention(num_heads=4, num_kv_heads=2)
+  params = mha.init(jax.random.key(0), x)
+  p = jax.tree.map(np.asarray, nn_unbox(params))["params"]
+  out = mha.apply(params, x, mask=causal, kv_mask=kv_mask)
+  proj = lambda name, y: y @ p[name]["kernel"] + p[name]["bias"]
+  q = proj("query", x).reshape(2, 6, 4, 4)
+  k, v = (proj(n, x).reshape(2, 6, 2, 4) for n in ("key", "value"))
+  mask = (causal & kv_mask[:, None, :])[:, None]
+  ref = reference_attention(q, k, v, mask, 0.5).reshape(2, 6, 16) @ p["out"]["kernel"] + \
+      p["out"]["bias"]
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="attention mask must be"):
+    mha.apply(params, x, mask=np.ones((2, 5, 6), bool))
+  cross = mha.apply(params, x[:, :3], kv=x, kv_mask=kv_mask)
+  assert cross.shape == (2, 3, 16)
+
+
+def nn_unbox(tree):
+  from flax import linen as nn
+  return nn.meta.unbox(tree)
+
+
+def test_dense_uses_an_injected_dot_general_and_keeps_param_dtype():
+  calls = []
+
+  def counting_dot_general(*args, **kwargs):
+    calls.append(args[0].dtype)
+    return jax.lax.dot_general(*args, **kwargs)
+
+  x = RNG.standard_normal((3, 5), np.float32)
+  dense = layers.Dense(4, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                       dot_general_cls=lambda: counting_dot_general)
+  params = dense.init(jax.random.key(0), x)
+  y = dense.apply(params, x)
+  kernel = nn_unbox(params)["params"]["kernel"]
+  assert kernel.dtype == jnp.float32 and y.dtype == jnp.bfloat16 and calls == [jnp.bfloat16] * 2
+  np.testing.assert_allclose(np.asarray(y, np.float32), x @ np.asarray(kernel), rtol=2e-2,
+                             atol=2e-2)
+
+
+def test_norms_match_numpy_in_float32_whatever_the_compute_dtype():
+  x = RNG.standard_normal((2, 3, 8)).astype(np.float32) * 3 + 1
+  ln = layers.LayerNorm(dtype=jnp.bfloat16)
+  p = ln.init(jax.random.key(0), x)
+  ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+  out = ln.apply(p, x)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=1e-2, atol=1e-2)
+  rms = layers.RMSNorm(scale_offset=1.0)
+  p = rms.init(jax.random.key(0), x)
+  ref = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6)  # Gemma form, scale init 0
+  np.testing.assert_allclose(rms.apply(p, x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_rotates_pairs_and_preserves_relative_positions():
+  x = RNG.standard_normal((1, 4, 2, 8)).astype(np.float32)
+  pos = np.arange(4)[None]
+  y = np.asarray(layers.rotary_embedding(x, pos))
+  np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+  q, k = x[:, :1], x[:, 1:2]  # <R(m) q, R(n) k> depends on m - n only
+  dots = [np.sum(np.asarray(layers.rotary_embedding(q, np.array([[m]]))) *
+                 np.asarray(layers.rotary_embedding(k, np.array([[n]])))) for m, n in ((3, 1), (7, 5))]
+  np.testing.assert_allclose(dots[0], dots[1], rtol=1e-4)
