@@ -9,7 +9,7 @@ usage() {
   cat >&2 <<'EOF'
 usage: launch/local_multiprocess.sh N CONFIG WORKDIR [--config.KEY=VALUE ...]
   N        number of processes (>= 1)
-  CONFIG   config file, e.g. configs/extract_tiny_random.py[:ARG]
+  CONFIG   config file, e.g. configs/tiny_random.py[:ARG]
   WORKDIR  shared local work directory (features, checkpoints, results.json)
 environment:
   PYTHON               interpreter (default: .venv/bin/python if present, else python3)

@@ -100,13 +100,13 @@ def test_two_process_extraction_equals_one(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable)
   two = subprocess.run(
-      ["bash", "launch/local_multiprocess.sh", "2", "configs/extract_tiny_random.py",
+      ["bash", "launch/local_multiprocess.sh", "2", "configs/tiny_random.py",
        str(tmp_path / "two")] + overrides, capture_output=True, text=True, cwd=ROOT, env=env,
       timeout=600)
   logs = "".join(open(p).read()[-3000:] for p in sorted((tmp_path / "two" / "logs").glob("*")))
   assert two.returncode == 0, two.stderr[-3000:] + logs
   one = subprocess.run(
-      [sys.executable, "-m", "edgeglass_jax.main", "--config=configs/extract_tiny_random.py",
+      [sys.executable, "-m", "edgeglass_jax.main", "--config=configs/tiny_random.py",
        f"--workdir={tmp_path / 'one'}"] + overrides, capture_output=True, text=True, cwd=ROOT,
       env=env, timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
@@ -119,3 +119,30 @@ def test_two_process_extraction_equals_one(tmp_path):
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=f"{split} {key}")
   assert (tmp_path / "two" / "results.json").exists()
   shutil.rmtree(tmp_path)
+
+
+@pytest.mark.slow
+def test_two_process_alignment_equals_one(tmp_path):
+  """Alignment on a 2-process CPU cluster (global mesh over both processes, each feeding half of
+  every batch) trains the same model as one process: same losses and eval metrics."""
+  import json
+  overrides = [f"--config.encoders.text.tokenizer={_tokenizer_dir()}"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable)
+  two = subprocess.run(
+      ["bash", "launch/local_multiprocess.sh", "2", "configs/tiny_random.py:align",
+       str(tmp_path / "two")] + overrides, capture_output=True, text=True, cwd=ROOT, env=env,
+      timeout=600)
+  logs = "".join(open(p).read()[-3000:] for p in sorted((tmp_path / "two" / "logs").glob("*")))
+  assert two.returncode == 0, two.stderr[-3000:] + logs
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"  # the same 2-device mesh
+  one = subprocess.run(
+      [sys.executable, "-m", "edgeglass_jax.main", "--config=configs/tiny_random.py:align",
+       f"--workdir={tmp_path / 'one'}"] + overrides, capture_output=True, text=True, cwd=ROOT,
+      env=env, timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+  assert a["step"] == b["step"] == 6 and sorted(a["metrics"]) == sorted(b["metrics"])
+  assert "image_to_text/R@1@d32" in a["metrics"]
+  for key, value in a["metrics"].items():
+    assert b["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
