@@ -202,6 +202,14 @@ def whisper_ct2_to_hf(tensors: Dict[str, np.ndarray], source: str = "ct2 checkpo
       if not hf.endswith("k_proj"):
         out[f"{hf}.bias"] = bi
 
+  def self_attention_and_ffn(src, dst):
+    layer_norm(f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm")
+    fused(f"{src}/self_attention/linear_0", [f"{dst}.self_attn.{p}_proj" for p in "qkv"])
+    linear(f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj")
+    layer_norm(f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm")
+    linear(f"{src}/ffn/linear_0", f"{dst}.fc1")
+    linear(f"{src}/ffn/linear_1", f"{dst}.fc2")
+
   enc, dec = f"{prefix}encoder", f"{prefix}decoder"
   for conv in ("conv1", "conv2"):
     linear(f"encoder/{conv}", f"{enc}.{conv}")
@@ -210,29 +218,18 @@ def whisper_ct2_to_hf(tensors: Dict[str, np.ndarray], source: str = "ct2 checkpo
   if not enc_layers:
     raise WeightsError(f"{source}: no 'encoder/layer_N/...' variables (is this a WhisperSpec?)")
   for i in enc_layers:
-    src, dst = f"encoder/layer_{i}", f"{enc}.layers.{i}"
-    layer_norm(f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm")
-    fused(f"{src}/self_attention/linear_0", [f"{dst}.self_attn.{p}_proj" for p in "qkv"])
-    linear(f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj")
-    layer_norm(f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm")
-    linear(f"{src}/ffn/linear_0", f"{dst}.fc1")
-    linear(f"{src}/ffn/linear_1", f"{dst}.fc2")
+    self_attention_and_ffn(f"encoder/layer_{i}", f"{enc}.layers.{i}")
   layer_norm("encoder/layer_norm", f"{enc}.layer_norm")
 
   out[f"{dec}.embed_tokens.weight"] = w("decoder/embeddings/weight")
   out[f"{dec}.embed_positions.weight"] = w("decoder/position_encodings/encodings")
   for i in _layer_ids(tensors, "decoder"):
     src, dst = f"decoder/layer_{i}", f"{dec}.layers.{i}"
-    layer_norm(f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm")
-    fused(f"{src}/self_attention/linear_0", [f"{dst}.self_attn.{p}_proj" for p in "qkv"])
-    linear(f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj")
+    self_attention_and_ffn(src, dst)
     layer_norm(f"{src}/attention/layer_norm", f"{dst}.encoder_attn_layer_norm")
     linear(f"{src}/attention/linear_0", f"{dst}.encoder_attn.q_proj")
     fused(f"{src}/attention/linear_1", [f"{dst}.encoder_attn.{p}_proj" for p in "kv"])
     linear(f"{src}/attention/linear_2", f"{dst}.encoder_attn.out_proj")
-    layer_norm(f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm")
-    linear(f"{src}/ffn/linear_0", f"{dst}.fc1")
-    linear(f"{src}/ffn/linear_1", f"{dst}.fc2")
   layer_norm("decoder/layer_norm", f"{dec}.layer_norm")
   if prefix:
     out["proj_out.weight"] = w("decoder/projection/weight" if "decoder/projection/weight" in
