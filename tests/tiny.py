@@ -1,7 +1,26 @@
 """Tiny random encoders and configs shared by the tests (compiles in seconds on a CPU)."""
 import os
+import subprocess
+import sys
 
 from edgeglass_jax import configs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def user_env(xla_flags: str = ""):
+  """The environment of a user's command: without the tests' 8 simulated devices and
+  unoptimised XLA backend (which make a real job several times slower), plus `xla_flags`."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  if xla_flags:
+    env["XLA_FLAGS"] = xla_flags
+  return env
+
+
+def run_main(*args, timeout=900, xla_flags=""):
+  """`python -m edgeglass_jax.main ARGS` from the repository root, as a user would run it."""
+  return subprocess.run([sys.executable, "-m", "edgeglass_jax.main", *args], cwd=ROOT,
+                        env=user_env(xla_flags), capture_output=True, text=True, timeout=timeout)
 
 WORDS = ("a the small large tiny big red green blue yellow purple orange black white circle "
          "square triangle star cross ring on at left right center middle of shape there is "
