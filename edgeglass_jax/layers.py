@@ -1,19 +1,23 @@
-"""Building blocks shared by every model: Dense, attention, MLP, norms, RoPE.
+"""Building blocks shared by every model: Dense, embeddings, attention, MLP, norms, RoPE.
 
 Two rules hold for every block here:
 - each parameter carries logical axis names (`nn.with_logical_partitioning`), so a config maps
   them onto mesh axes (`sharding.py`) and no module mentions a mesh;
-- each weight matmul goes through an injectable `dot_general_cls` (a zero-argument factory of a
-  `lax.dot_general`-compatible callable, e.g. AQT's `AqtDotGeneral`), so int8 QAT is a config
-  switch (`quant.py`), not a fork of the model.
+- each weight matmul goes through an injectable dot_general, so int8 QAT is a config switch
+  (`quant.py`), not a fork of the model. The injection is a quantization object `quant` with a
+  method `dot_general_cls(kernel_axes)` returning a zero-argument factory of a
+  `lax.dot_general`-compatible callable (maxtext `layers/linears.py`): the object sees the
+  kernel's logical axes, which AQT needs to place its scales. The older `dot_general_cls`
+  field (the zero-argument factory itself) still works; a module takes one or the other.
 
 `dtype` is the compute dtype (bf16 on TPU/GPU), `param_dtype` the storage dtype; norms and
 softmax always run in float32.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Protocol, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +27,37 @@ from flax import linen as nn
 Array = jax.Array
 Dtype = Any
 DotGeneralFactory = Optional[Callable[[], Callable[..., Array]]]
+LayerCache = Dict[str, Array]
+
+
+class Quant(Protocol):
+  """What `Dense` (and every module that passes `quant` down) asks of a quantization object."""
+
+  def dot_general_cls(self, kernel_axes: Tuple[Optional[str], ...]
+                      ) -> Callable[[], Callable[..., Array]]:
+    ...
 
 default_kernel_init = nn.initializers.lecun_normal()
 
 
 def _partitioned(init, axes):
   return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def make_dot_general(quant: Optional[Quant], dot_general_cls: DotGeneralFactory,
+                     kernel_axes: Sequence[Optional[str]]) -> Callable[..., Array]:
+  """The matmul of one kernel: `quant`'s for `kernel_axes`, else the factory's, else lax's.
+
+  Call it inside a compact method: a factory that builds a linen module (AQT) then gets a
+  submodule of the caller, auto-named like `AqtDotGeneral_0`.
+  """
+  if quant is not None and dot_general_cls is not None:
+    raise ValueError("pass either quant= or dot_general_cls=, not both")
+  if quant is not None:
+    return quant.dot_general_cls(tuple(kernel_axes))()
+  if dot_general_cls is not None:
+    return dot_general_cls()
+  return jax.lax.dot_general
 
 
 def activation(name: str) -> Callable[[Array], Array]:
@@ -50,7 +79,11 @@ def activation(name: str) -> Callable[[Array], Array]:
 
 
 class Dense(nn.Module):
-  """y = x @ kernel + bias over the last axis; kernel `[D_in, features]` named `kernel_axes`."""
+  """y = x @ kernel + bias over the last axis: `[..., D_in]` -> `[..., features]`.
+
+  The kernel `[D_in, features]` carries the logical names `kernel_axes`; the matmul comes from
+  `quant.dot_general_cls(kernel_axes)` (or the `dot_general_cls` factory, or `lax.dot_general`).
+  """
   features: int
   use_bias: bool = True
   kernel_axes: Sequence[str] = ("embed", "mlp")
@@ -58,13 +91,14 @@ class Dense(nn.Module):
   param_dtype: Dtype = jnp.float32
   kernel_init: Callable = default_kernel_init
   dot_general_cls: DotGeneralFactory = None
+  quant: Optional[Quant] = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel = self.param("kernel", _partitioned(self.kernel_init, self.kernel_axes),
                         (x.shape[-1], self.features), self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    dot_general = self.dot_general_cls() if self.dot_general_cls else jax.lax.dot_general
+    dot_general = make_dot_general(self.quant, self.dot_general_cls, self.kernel_axes)
     y = dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
     if self.use_bias:
       bias = self.param("bias", _partitioned(nn.initializers.zeros, self.kernel_axes[-1:]),
@@ -122,16 +156,57 @@ def make_norm(kind: str, epsilon: float, dtype: Dtype, param_dtype: Dtype, name:
   raise ValueError(f"unknown norm {kind!r}; use 'layernorm' or 'rmsnorm'")
 
 
-def rotary_embedding(x: Array, positions: Array, theta: float = 10000.0) -> Array:
-  """Applies RoPE in the HF "rotate_half" layout to `x [B, T, H, hd]` at `positions [B, T]`."""
-  hd = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
-  angles = jnp.concatenate([angles, angles], -1)[:, :, None, :]
+@dataclasses.dataclass(frozen=True)
+class RoPE:
+  """Rotary position embedding parameters, as HF's `rope_parameters` for one layer type.
+
+  `kind` is HF's `rope_type`: "default"; "linear" (positions divided by `factor`); "llama3"
+  (Llama 3.1 frequency-dependent scaling by `factor`, `low_freq_factor`, `high_freq_factor`
+  around `original_max_position_embeddings`).
+  """
+  theta: float = 10000.0
+  kind: str = "default"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.kind not in ("default", "linear", "llama3"):
+      raise ValueError(f"unsupported RoPE type {self.kind!r}; supported: default, linear, llama3")
+
+  def inv_freq(self, head_dim: int) -> np.ndarray:
+    """`[head_dim / 2]` float32 inverse frequencies, computed in float32 as transformers does."""
+    exponent = np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
+    inv = (np.float32(1.0) / np.power(np.float32(self.theta), exponent)).astype(np.float32)
+    if self.kind == "linear":
+      return (inv / np.float32(self.factor)).astype(np.float32)
+    if self.kind == "llama3":
+      old = self.original_max_position_embeddings
+      low_wavelen, high_wavelen = old / self.low_freq_factor, old / self.high_freq_factor
+      wavelen = 2 * np.pi / inv
+      scaled = np.where(wavelen > low_wavelen, inv / self.factor, inv)
+      smooth = (old / wavelen - self.low_freq_factor) / (self.high_freq_factor -
+                                                         self.low_freq_factor)
+      smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+      medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+      return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Any) -> Array:
+  """Rotates `x [B, T, H, hd]` at `positions [B, T]` in HF's "rotate_half" layout (float32)."""
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  angles = jnp.concatenate([angles, angles], -1)[:, :, None, :]  # [B, T, 1, hd]
   x32 = x.astype(jnp.float32)
   x1, x2 = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], -1)
   return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def rotary_embedding(x: Array, positions: Array, theta: float = 10000.0) -> Array:
+  """Applies plain RoPE (base `theta`) to `x [B, T, H, hd]` at `positions [B, T]`."""
+  return apply_rope(x, positions, RoPE(theta).inv_freq(x.shape[-1]))
 
 
 def combine_masks(attn_mask: Optional[Array], kv_mask: Optional[Array],
@@ -166,14 +241,19 @@ def _masked_softmax(logits: Array, mask: Optional[Array]) -> Array:
   return jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
 
 
-def _attention_dense(q, k, v, mask, scale):
+def _soft_cap(logits: Array, cap: Optional[float]) -> Array:
+  return logits if cap is None else jnp.tanh(logits / cap) * cap
+
+
+def _attention_dense(q, k, v, mask, scale, softcap=None):
   """q `[B, K, G, Tq, hd]`, k/v `[B, K, Tk, hd]`, mask `[B|1, K|1, G|1, Tq|1, Tk]`."""
   logits = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+  logits = _soft_cap(logits, softcap)
   weights = _masked_softmax(logits, mask).astype(v.dtype)
   return jnp.einsum("bkgqs,bksd->bkgqd", weights, v)
 
 
-def _attention_blocked(q, k, v, mask, scale):
+def _attention_blocked(q, k, v, mask, scale, softcap=None):
   """`_attention_dense`, one (batch, kv-head) block at a time (`lax.map`)."""
   b, kv = q.shape[:2]
 
@@ -181,6 +261,7 @@ def _attention_blocked(q, k, v, mask, scale):
     bi, ki = i // kv, i % kv
     logits = jnp.einsum("gqd,sd->gqs", q[bi, ki], k[bi, ki],
                         preferred_element_type=jnp.float32) * scale
+    logits = _soft_cap(logits, softcap)
     m = None
     if mask is not None:
       m = mask[bi if mask.shape[0] > 1 else 0, ki if mask.shape[1] > 1 else 0]
@@ -191,11 +272,12 @@ def _attention_blocked(q, k, v, mask, scale):
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array],
-                          scale: float) -> Array:
+                          scale: float, softcap: Optional[float] = None) -> Array:
   """Softmax attention with grouped-query heads.
 
   q `[B, Tq, H, hd]`, k/v `[B, Tk, K, hd]` with H a multiple of K; mask boolean broadcastable to
-  `[B, H, Tq, Tk]`. Logits and softmax in float32; a fully masked row gives zeros, not NaN.
+  `[B, H, Tq, Tk]`. Logits (`scale * q.k`, then `softcap * tanh(logits / softcap)` when
+  `softcap` is set) and softmax in float32; a fully masked row gives zeros, not NaN.
   Computed head-major (`[B, K, G, T, hd]`, plain batched matmuls); on CPU, long sequences go
   block by block (see `BLOCKED_CPU_ATTENTION_MIN_LOGITS`), elsewhere in one piece.
   """
@@ -211,9 +293,9 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array],
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
     mb, mh, mq, _ = mask.shape
     mask = mask.reshape(mb, kv if mh > 1 else 1, g if mh > 1 else 1, mq, mask.shape[-1])
-  dense = lambda *a: _attention_dense(*a, mask, scale)
+  dense = lambda *a: _attention_dense(*a, mask, scale, softcap)
   if tq * tk >= BLOCKED_CPU_ATTENTION_MIN_LOGITS:
-    blocked = lambda *a: _attention_blocked(*a, mask, scale)
+    blocked = lambda *a: _attention_blocked(*a, mask, scale, softcap)
     out = jax.lax.platform_dependent(qh, kh, vh, cpu=blocked, default=dense)
   else:
     out = dense(qh, kh, vh)
@@ -238,10 +320,12 @@ class MultiHeadAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dot_general_cls: DotGeneralFactory = None
+  quant: Optional[Quant] = None
 
   def _dense(self, features, use_bias, axes, name):
     return Dense(features, use_bias=use_bias, kernel_axes=axes, dtype=self.dtype,
-                 param_dtype=self.param_dtype, dot_general_cls=self.dot_general_cls, name=name)
+                 param_dtype=self.param_dtype, dot_general_cls=self.dot_general_cls,
+                 quant=self.quant, name=name)
 
   @nn.compact
   def __call__(self, x: Array, kv: Optional[Array] = None, mask: Optional[Array] = None,
@@ -269,6 +353,132 @@ class MultiHeadAttention(nn.Module):
     return self._dense(self.out_features or d, self.out_bias, ("heads", "embed"), "out")(out)
 
 
+class Embed(nn.Module):
+  """Token embedding table `[V, D]` (axes `vocab`, `embed`).
+
+  `__call__(ids [B, T]) -> [B, T, D]` looks rows up; `attend(x [B, T, D]) -> [B, T, V]` is the
+  tied output projection `x @ table.T`, through the injectable dot_general.
+  """
+  num_embeddings: int
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  embedding_init: Callable = nn.initializers.normal(stddev=1.0)
+  dot_general_cls: DotGeneralFactory = None
+  quant: Optional[Quant] = None
+
+  def setup(self):
+    self.embedding = self.param("embedding", _partitioned(self.embedding_init, ("vocab", "embed")),
+                                (self.num_embeddings, self.features), self.param_dtype)
+    self.attend_dot_general = make_dot_general(self.quant, self.dot_general_cls,
+                                               ("vocab", "embed"))
+
+  def __call__(self, ids: Array) -> Array:
+    return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
+
+  def attend(self, x: Array) -> Array:
+    x, table = nn.dtypes.promote_dtype(x, self.embedding, dtype=self.dtype)
+    return self.attend_dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))
+
+
+class Attention(nn.Module):
+  """Self-attention with an explicit KV cache, mapping `(x, positions, cache, mask)` to
+  `(new_cache, y)` (gemma `gm/nn/_modules.py`).
+
+  - `x [B, T, D]`, `positions [B, T]` int (RoPE and sliding-window positions of the queries).
+  - `cache` None: keys are the T inputs, at the queries' positions; `mask [B, T, T]`.
+  - `cache` from `init_cache` (`k`, `v [B, S, K, hd]`, `positions [B, S]`, `end_index [B]`):
+    the T new keys/values and positions are written at slot `end_index[0]` (all rows advance
+    together: ragged prompts are left-padded and masked out), queries attend to all S slots under
+    `mask [B, T, S]`, and key positions are the cache's. The cache must hold the whole sequence
+    (no ring buffer); `new_cache["end_index"]` is `end_index + T`.
+  - `mask` boolean, True = attend (None: every key); a sliding window (`|q_pos - k_pos| <
+    sliding_window`, HF's exclusive bound) further restricts it.
+  Returns `y [B, T, features or D]`. Options: GQA (`num_kv_heads`), q/k/v biases, q/k RMSNorm
+  over `head_dim` (Gemma 3, `(1 + w)` when `qk_norm_offset=1`), logit scale
+  `query_pre_attn_scalar ** -0.5` (default `head_dim ** -0.5`), logit soft-capping.
+  """
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  features: Optional[int] = None
+  qkv_bias: bool = False
+  out_bias: bool = False
+  rope: Optional[RoPE] = RoPE()
+  query_pre_attn_scalar: Optional[float] = None
+  attn_logit_softcap: Optional[float] = None
+  sliding_window: Optional[int] = None
+  qk_norm: bool = False
+  qk_norm_offset: float = 0.0
+  norm_epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  dot_general_cls: DotGeneralFactory = None
+  quant: Optional[Quant] = None
+
+  @property
+  def scale(self) -> float:
+    return float((self.query_pre_attn_scalar or self.head_dim) ** -0.5)
+
+  def init_cache(self, batch: int, max_len: int, dtype: Dtype = jnp.float32) -> LayerCache:
+    """An empty cache of `max_len` slots (needs no params: call it on the unbound module)."""
+    shape = (batch, max_len, self.num_kv_heads, self.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "positions": jnp.zeros((batch, max_len), jnp.int32),
+            "end_index": jnp.zeros((batch,), jnp.int32)}
+
+  def _dense(self, features, use_bias, axes, name):
+    return Dense(features, use_bias=use_bias, kernel_axes=axes, dtype=self.dtype,
+                 param_dtype=self.param_dtype, dot_general_cls=self.dot_general_cls,
+                 quant=self.quant, name=name)
+
+  def _head_norm(self, name):
+    return RMSNorm(self.norm_epsilon, scale_offset=self.qk_norm_offset, axis_name="head_dim",
+                   dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, cache: Optional[LayerCache] = None,
+               mask: Optional[Array] = None) -> Tuple[Optional[LayerCache], Array]:
+    b, t, d = x.shape
+    h, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+    q = self._dense(h * hd, self.qkv_bias, ("embed", "heads"), "query")(x).reshape(b, t, h, hd)
+    k = self._dense(kv * hd, self.qkv_bias, ("embed", "kv_heads"), "key")(x).reshape(b, t, kv, hd)
+    v = self._dense(kv * hd, self.qkv_bias, ("embed", "kv_heads"), "value")(x)
+    v = v.reshape(b, t, kv, hd)
+    if self.qk_norm:
+      q, k = self._head_norm("query_norm")(q), self._head_norm("key_norm")(k)
+    positions = jnp.asarray(positions, jnp.int32)
+    if self.rope is not None:
+      inv_freq = self.rope.inv_freq(hd)
+      q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+
+    new_cache = None
+    key_positions = positions
+    if cache is not None:
+      start = cache["end_index"][0]
+      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
+      key_positions = jax.lax.dynamic_update_slice(cache["positions"], positions, (0, start))
+      new_cache = {"k": k, "v": v, "positions": key_positions,
+                   "end_index": cache["end_index"] + t}
+      k, v = k.astype(self.dtype), v.astype(self.dtype)
+
+    if self.sliding_window is not None:
+      distance = positions[:, :, None] - key_positions[:, None, :]
+      window = jnp.abs(distance) < self.sliding_window
+      mask = window if mask is None else (jnp.asarray(mask, bool) & window)
+    if mask is not None:
+      mask = jnp.asarray(mask, bool)
+      if mask.shape[-2:] != (t, k.shape[1]):
+        raise ValueError(f"mask must be [B, {t}, {k.shape[1]}] (queries x "
+                         f"{'cache slots' if cache is not None else 'keys'}), got {mask.shape}")
+      mask = mask[:, None]
+    out = dot_product_attention(q, k, v, mask, self.scale, self.attn_logit_softcap)
+    y = self._dense(self.features or d, self.out_bias, ("heads", "embed"), "out")(
+        out.reshape(b, t, h * hd))
+    return new_cache, y
+
+
 class MLP(nn.Module):
   """Two-layer MLP (`fc1`, `fc2`), or gated (`gate`, `up`, `down`) as in Llama/Gemma."""
   hidden: int
@@ -279,10 +489,12 @@ class MLP(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dot_general_cls: DotGeneralFactory = None
+  quant: Optional[Quant] = None
 
   def _dense(self, features, axes, name):
     return Dense(features, use_bias=self.use_bias, kernel_axes=axes, dtype=self.dtype,
-                 param_dtype=self.param_dtype, dot_general_cls=self.dot_general_cls, name=name)
+                 param_dtype=self.param_dtype, dot_general_cls=self.dot_general_cls,
+                 quant=self.quant, name=name)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -309,15 +521,16 @@ class PreNormBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dot_general_cls: DotGeneralFactory = None
+  quant: Optional[Quant] = None
 
   @nn.compact
   def __call__(self, x: Array, mask: Optional[Array] = None,
                kv_mask: Optional[Array] = None) -> Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = LayerNorm(self.epsilon, name="norm1", **kw)(x)
-    x = x + MultiHeadAttention(self.num_heads, key_bias=self.key_bias,
-                               dot_general_cls=self.dot_general_cls, name="attn", **kw)(
-                                   h, mask=mask, kv_mask=kv_mask)
-    h = LayerNorm(self.epsilon, name="norm2", **kw)(x)
-    return x + MLP(self.mlp_dim, act=self.act, dot_general_cls=self.dot_general_cls,
-                   name="mlp", **kw)(h)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
+              dot_general_cls=self.dot_general_cls, quant=self.quant)
+    norm_kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = LayerNorm(self.epsilon, name="norm1", **norm_kw)(x)
+    x = x + MultiHeadAttention(self.num_heads, key_bias=self.key_bias, name="attn", **kw)(
+        h, mask=mask, kv_mask=kv_mask)
+    h = LayerNorm(self.epsilon, name="norm2", **norm_kw)(x)
+    return x + MLP(self.mlp_dim, act=self.act, name="mlp", **kw)(h)

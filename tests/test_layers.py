@@ -148,3 +148,134 @@ def test_rope_rotates_pairs_and_preserves_relative_positions():
   dots = [np.sum(np.asarray(layers.rotary_embedding(q, np.array([[m]]))) *
                  np.asarray(layers.rotary_embedding(k, np.array([[n]])))) for m, n in ((3, 1), (7, 5))]
   np.testing.assert_allclose(dots[0], dots[1], rtol=1e-4)
+
+
+class RecordingQuant:
+  """A quantization object: records each kernel's logical axes, counts the matmuls it runs."""
+
+  def __init__(self):
+    self.axes, self.calls = [], 0
+
+  def dot_general_cls(self, kernel_axes):
+    self.axes.append(kernel_axes)
+
+    def factory():
+      def dot_general(*args, **kwargs):
+        self.calls += 1
+        return jax.lax.dot_general(*args, **kwargs)
+      return dot_general
+    return factory
+
+
+def test_dense_takes_a_quant_object_that_sees_the_kernel_axes():
+  x = RNG.standard_normal((3, 5), np.float32)
+  quant = RecordingQuant()
+  dense = layers.Dense(4, kernel_axes=("embed", "mlp"), quant=quant)
+  params = dense.init(jax.random.key(0), x)
+  y = dense.apply(params, x)
+  p = nn_unbox(params)["params"]
+  np.testing.assert_allclose(y, x @ p["kernel"] + p["bias"], rtol=1e-5, atol=1e-6)
+  assert quant.axes == [("embed", "mlp")] * 2 and quant.calls == 2
+  mlp = layers.MLP(6, gated=True, quant=RecordingQuant())
+  mlp.init(jax.random.key(0), x)
+  assert mlp.quant.axes == [("embed", "mlp"), ("embed", "mlp"), ("mlp", "embed")]
+  with pytest.raises(ValueError, match="either quant= or dot_general_cls="):
+    layers.Dense(4, quant=quant, dot_general_cls=lambda: jax.lax.dot_general).init(
+        jax.random.key(0), x)
+
+
+def reference_rms(x, w, offset, eps):
+  return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps) * (offset + w)
+
+
+def reference_rope(x, pos, inv_freq):
+  angles = pos[..., None].astype(np.float64) * inv_freq
+  cos, sin = np.cos(np.concatenate([angles] * 2, -1))[:, :, None], \
+      np.sin(np.concatenate([angles] * 2, -1))[:, :, None]
+  half = x.shape[-1] // 2
+  return x * cos + np.concatenate([-x[..., half:], x[..., :half]], -1) * sin
+
+
+ATTENTION_VARIANTS = {
+    "llama_gqa": dict(num_heads=4, num_kv_heads=2, head_dim=8),
+    "qwen_bias_mqa": dict(num_heads=3, num_kv_heads=1, head_dim=6, qkv_bias=True),
+    "gemma_local": dict(num_heads=2, num_kv_heads=1, head_dim=8, qk_norm=True, qk_norm_offset=1.0,
+                        query_pre_attn_scalar=24.0, sliding_window=3, attn_logit_softcap=5.0,
+                        rope=layers.RoPE(theta=100.0)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(ATTENTION_VARIANTS))
+def test_cached_attention_matches_float64_reference_and_prefill_plus_steps(variant):
+  """Full-sequence attention equals a float64 numpy reference built from its params; prefill of
+  a prefix into the cache followed by one token at a time gives the same outputs."""
+  kw = ATTENTION_VARIANTS[variant]
+  attn = layers.Attention(**kw)
+  b, t, d = 2, 7, 12
+  x = RNG.standard_normal((b, t, d), np.float32)
+  pos = np.broadcast_to(np.arange(t), (b, t)).astype(np.int32)
+  causal = np.broadcast_to(np.tril(np.ones((t, t), bool)), (b, t, t))
+  params = attn.init(jax.random.key(1), x, pos, None, causal)
+  params = jax.tree.map(lambda a: a + 0.3 * RNG.standard_normal(a.shape).astype(np.float32),
+                        nn_unbox(params))
+  _, full = attn.apply(params, x, pos, None, causal)
+
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+  h, kv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
+  proj = lambda n, y: y @ p[n]["kernel"] + (p[n]["bias"] if "bias" in p[n] else 0.0)
+  q = proj("query", x).reshape(b, t, h, hd)
+  k = proj("key", x).reshape(b, t, kv, hd)
+  v = proj("value", x).reshape(b, t, kv, hd)
+  if attn.qk_norm:
+    q = reference_rms(q, p["query_norm"]["scale"], 1.0, 1e-6)
+    k = reference_rms(k, p["key_norm"]["scale"], 1.0, 1e-6)
+  inv_freq = attn.rope.inv_freq(hd).astype(np.float64)
+  q, k = reference_rope(q, pos, inv_freq), reference_rope(k, pos, inv_freq)
+  kr, vr = np.repeat(k, h // kv, 2), np.repeat(v, h // kv, 2)
+  logits = np.einsum("bqhd,bkhd->bhqk", q, kr) * attn.scale
+  if attn.attn_logit_softcap:
+    logits = np.tanh(logits / attn.attn_logit_softcap) * attn.attn_logit_softcap
+  mask = causal[:, None]
+  if attn.sliding_window:
+    mask = mask & (np.abs(pos[:, :, None] - pos[:, None, :]) < attn.sliding_window)[:, None]
+  logits = np.where(mask, logits, -np.inf)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  ref = np.einsum("bhqk,bkhd->bqhd", w, vr).reshape(b, t, h * hd) @ p["out"]["kernel"]
+  np.testing.assert_allclose(full, ref, rtol=1e-4, atol=1e-5)
+
+  s = 9  # cache longer than the sequence: unused slots are masked out
+  cache = attn.init_cache(b, s, jnp.float32)
+  slots = np.arange(s)
+  prefill = 4
+  step_mask = lambda start, n: np.broadcast_to(
+      slots[None, :] <= start + np.arange(n)[:, None], (b, n, s))
+  cache, y = attn.apply(params, x[:, :prefill], pos[:, :prefill], cache, step_mask(0, prefill))
+  outs = [y]
+  for i in range(prefill, t):
+    cache, y = attn.apply(params, x[:, i:i + 1], pos[:, i:i + 1], cache, step_mask(i, 1))
+    outs.append(y)
+  np.testing.assert_allclose(np.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(cache["end_index"]) == t)
+  np.testing.assert_array_equal(np.asarray(cache["positions"])[:, :t], pos)
+
+
+def test_cached_attention_rejects_a_mask_of_the_wrong_width():
+  attn = layers.Attention(num_heads=2, num_kv_heads=2, head_dim=4)
+  x = RNG.standard_normal((1, 3, 8), np.float32)
+  pos = np.arange(3)[None]
+  params = attn.init(jax.random.key(0), x, pos)
+  with pytest.raises(ValueError, match=r"mask must be \[B, 3, 5\]"):
+    attn.apply(params, x, pos, attn.init_cache(1, 5), np.ones((1, 3, 3), bool))
+
+
+def test_embed_lookup_and_tied_attend():
+  emb = layers.Embed(11, 6, quant=RecordingQuant())
+  ids = np.array([[0, 3, 10]])
+  params = emb.init(jax.random.key(0), ids)
+  table = np.asarray(nn_unbox(params)["params"]["embedding"])
+  np.testing.assert_array_equal(emb.apply(params, ids), table[ids])
+  x = RNG.standard_normal((1, 3, 6), np.float32)
+  np.testing.assert_allclose(emb.apply(params, x, method=emb.attend), x @ table.T, rtol=1e-5,
+                             atol=1e-5)
+  assert emb.quant.axes and set(emb.quant.axes) == {("vocab", "embed")}
