@@ -6,8 +6,16 @@ PyTorch reference models were fed:
   normalise with the OpenAI mean/std.
 - SigLIP (`SiglipImageProcessor`): resize straight to (height, width) (bicubic: HF's default and
   the released checkpoints' `resample: 3`), rescale, normalise with mean = std = 0.5.
+- DINOv2 (`BitImageProcessor`, what DINOv2 checkpoints name): the CLIP steps; the `dinov2`
+  family's defaults are facebook/dinov2-*'s settings (shortest edge 256, center crop 224,
+  ImageNet mean/std), while a processor config naming `BitImageProcessor` starts from that
+  class's own defaults (shortest edge 224, OpenAI mean/std), as HF does.
 Settings come from a `preprocessor_config.json` when there is one, else the family's defaults.
-Resizing happens on uint8 images through PIL, as in HF; the rest is numpy.
+Resizing happens on uint8 images through PIL, as in HF's PIL backend (`*ImageProcessorPil`, what
+transformers 5 uses without torchvision); the rest is numpy.
+
+`sized_settings` moves a processor to another input size keeping its resize-to-crop ratio: for
+DINOv2 a configured size s means shortest edge round(s * 256 / 224), then a center crop s.
 """
 from __future__ import annotations
 
@@ -19,6 +27,8 @@ import numpy as np
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 _RESCALE = 1 / 255
 _BICUBIC = 3
 
@@ -32,12 +42,25 @@ _DEFAULTS = {
                    size={"height": 224, "width": 224}, resample=_BICUBIC, do_center_crop=False,
                    do_rescale=True, rescale_factor=_RESCALE, do_normalize=True,
                    image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)),
+    "bit": dict(image_processor_type="BitImageProcessor", do_resize=True,
+                size={"shortest_edge": 224}, resample=_BICUBIC, do_center_crop=True,
+                crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=_RESCALE,
+                do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD),
 }
+# facebook/dinov2-small's preprocessor_config.json (the same for every DINOv2 size).
+DINOV2_PROCESSOR = dict(image_processor_type="BitImageProcessor", do_resize=True,
+                        size={"shortest_edge": 256}, resample=_BICUBIC, do_center_crop=True,
+                        crop_size={"height": 224, "width": 224}, do_rescale=True,
+                        rescale_factor=_RESCALE, do_normalize=True,
+                        image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
+                        do_convert_rgb=True)
+_DEFAULTS["dinov2"] = {k: v for k, v in DINOV2_PROCESSOR.items() if k != "do_convert_rgb"}
 _ALIASES = {"clip": "clip", "clip_vision_model": "clip", "clipimageprocessor": "clip",
             "clipimageprocessorfast": "clip", "clipimageprocessorpil": "clip",
             "clipfeatureextractor": "clip", "siglip": "siglip", "siglip_vision_model": "siglip",
             "siglipimageprocessor": "siglip", "siglipimageprocessorfast": "siglip",
-            "siglipimageprocessorpil": "siglip"}
+            "siglipimageprocessorpil": "siglip", "bit": "bit", "bitimageprocessor": "bit",
+            "bitimageprocessorfast": "bit", "bitimageprocessorpil": "bit", "dinov2": "dinov2"}
 PROCESSOR_FILE = "preprocessor_config.json"
 
 
@@ -76,7 +99,7 @@ def image_processor_settings(family_or_config: Union[str, Dict[str, Any]],
     name = known[0] if known else (candidates[0] if candidates else None)
     if name is None:
       raise ValueError("preprocessor config has no image_processor_type (nor family); cannot "
-                       "tell CLIP from SigLIP preprocessing")
+                       "tell CLIP, SigLIP and BiT/DINOv2 preprocessing apart")
   else:
     name = family_or_config
   settings = dict(_DEFAULTS[_kind(name)])
@@ -89,10 +112,39 @@ def image_processor_settings(family_or_config: Union[str, Dict[str, Any]],
   return settings
 
 
+def sized_settings(settings: Dict[str, Any], image_size: int) -> Dict[str, Any]:
+  """`settings` (resolved) for a model input of `image_size` x `image_size` pixels.
+
+  With a center crop, the crop becomes `image_size` and a shortest-edge resize keeps its ratio
+  to the crop (DINOv2's 256/224: 112 -> resize 128, crop 112; CLIP's 1: both `image_size`);
+  without one, a (height, width) resize becomes `image_size` square. A size that is not a
+  multiple of the model's patch still works: the patch conv drops the bottom/right remainder.
+  """
+  n = int(image_size)
+  if n <= 0:
+    raise ValueError(f"image_size must be positive, got {image_size}")
+  out = dict(settings)
+  size = dict(out["size"])
+  if out.get("do_center_crop"):
+    crop = out["crop_size"]
+    if "shortest_edge" in size:
+      ratio = size["shortest_edge"] / min(crop["height"], crop["width"])
+      size["shortest_edge"] = int(round(n * ratio))
+      size.pop("longest_edge", None)
+    else:
+      size = {"height": n, "width": n}
+    out["crop_size"] = {"height": n, "width": n}
+  else:
+    size = {"height": n, "width": n}
+  out["size"] = size
+  return out
+
+
 def image_processor_config(family: str, path: Optional[str] = None,
                            image_size: Optional[int] = None) -> Dict[str, Any]:
   """Settings for a model: `path/preprocessor_config.json` when present, else the family's
-  defaults sized for `image_size` (CLIP: shortest edge and crop; SigLIP: height and width)."""
+  defaults sized for `image_size` (`sized_settings`: CLIP shortest edge and crop; SigLIP height
+  and width; DINOv2 shortest edge round(size * 256 / 224) and crop)."""
   if path is not None:
     file = path if path.endswith(".json") else os.path.join(path, PROCESSOR_FILE)
     if os.path.isfile(file):
@@ -103,14 +155,8 @@ def image_processor_config(family: str, path: Optional[str] = None,
         raise ValueError(f"{file}: not valid JSON ({e})") from e
       config.setdefault("family", family)
       return image_processor_settings(config)
-  overrides = {}
-  if image_size is not None:
-    n = int(image_size)
-    if _kind(family) == "clip":
-      overrides = dict(size={"shortest_edge": n}, crop_size={"height": n, "width": n})
-    else:
-      overrides = dict(size={"height": n, "width": n})
-  return image_processor_settings(family, **overrides)
+  settings = image_processor_settings(family)
+  return settings if image_size is None else sized_settings(settings, image_size)
 
 
 def _as_rgb_uint8(image: Any, index: int) -> np.ndarray:

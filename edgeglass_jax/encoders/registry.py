@@ -7,10 +7,11 @@ with the family's rule table (`weights/convert.py`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from edgeglass_jax.weights import convert, hf
@@ -31,12 +32,17 @@ class Family:
   (a checkpoint's wrapper prefix, e.g. "model." or "bert.", is found and stripped on load);
   dummy_inputs(module) -> positional args for `module.init`. Every encoder module has a frozen
   dataclass field `config` whose `family` names its entry here.
+  checkpoint_rules(module, tensors) -> [Rule], optional: the table for one checkpoint (prefix
+  already stripped) when the family's tensor names changed between transformers versions; it
+  replaces `rules` on load, while `to_hf` always writes `rules`' names.
   """
   name: str
   modality: str
   build: Callable[..., nn.Module]
   rules: Callable[[nn.Module], Sequence[convert.Rule]]
   dummy_inputs: Callable[[nn.Module], Tuple]
+  checkpoint_rules: Optional[Callable[[nn.Module, Mapping[str, np.ndarray]],
+                                      Sequence[convert.Rule]]] = None
 
 
 FAMILIES: Dict[str, Family] = {}
@@ -49,7 +55,7 @@ def register(family: Family) -> Family:
 
 
 def _load_family_modules():
-  from edgeglass_jax.encoders import text, vit, whisper  # noqa: F401  (registers)
+  from edgeglass_jax.encoders import dinov2, text, vit, whisper  # noqa: F401  (registers)
 
 
 def resolve(hf_config: dict, tower: Optional[str], source: str) -> Tuple[Family, dict]:
@@ -97,6 +103,8 @@ def from_pretrained(path: str, tower: Optional[str] = None, dtype=jnp.float32,
                         dot_general_cls=dot_general_cls)
   rules = family.rules(module)
   tensors = _strip_wrapper_prefix(hf.read_hf_dir(path), rules)
+  if family.checkpoint_rules is not None:
+    rules = family.checkpoint_rules(module, tensors)
   params = convert.hf_to_flax(tensors, rules, abstract_params(module, family), source=path)
   params = jax.tree.map(lambda a: jnp.asarray(a, param_dtype), params)
   return module, {"params": params}
