@@ -28,6 +28,7 @@ from safetensors.numpy import load_file, save_file
 
 from edgeglass_jax import sharding
 from edgeglass_jax.data import sources
+from edgeglass_jax.encoders.packages import cache_dir, package_dir  # noqa: F401
 
 SHARD = "shard-{:05d}"
 
@@ -55,27 +56,11 @@ class Encoder:
 # ----------------------------------------------------------------------------- encoders
 
 
-def cache_dir() -> str:
-  """Where converted packaged weights are kept (`$EDGEGLASS_CACHE`, default ~/.cache/...)."""
-  return os.environ.get("EDGEGLASS_CACHE",
-                        os.path.join(os.path.expanduser("~"), ".cache", "edgeglass_jax"))
-
-
 def _encoder_dir(spec) -> str:
-  """Local HF directory for an encoder spec: `path`, or a packaged model named in `package`."""
+  """Local HF directory for an encoder spec: `path`, or a packaged model named in `package`
+  (`encoders.package_dir`)."""
   if spec.get("package"):
-    name = spec["package"]
-    if name == "all-MiniLM-L6-v2":
-      from edgeglass_jax.encoders.text import minilm_package_dir
-      return minilm_package_dir()
-    if name == "whisper-tiny.en":
-      from edgeglass_jax.encoders.whisper import whisper_tiny_en_dir
-      out = os.path.join(cache_dir(), "whisper-tiny.en")
-      if not os.path.isfile(os.path.join(out, "model.safetensors")):
-        whisper_tiny_en_dir(out)
-      return out
-    raise ValueError(f"encoder package {name!r} unknown; use 'all-MiniLM-L6-v2' or "
-                     "'whisper-tiny.en'")
+    return package_dir(spec["package"])
   if not spec.get("path"):
     raise ValueError("an encoder spec needs `path` (HF directory), `package` or `random`")
   return spec["path"]
@@ -110,8 +95,10 @@ def build_encoder(modality: str, spec, dtype=jnp.float32) -> Encoder:
     module, params = from_pretrained(path, tower=spec.get("tower") or None, dtype=dtype)
   info = {k: v for k, v in spec.items() if isinstance(v, (str, int, float, bool))}
   if modality == "image":
-    size = module.config.image_size
-    processor = preprocess.image_processor_config(module.config.family, path, size)
+    processor = preprocess.image_processor_config(module.config.family, path,
+                                                  module.config.image_size)
+    if spec.get("image_size"):
+      processor = preprocess.sized_settings(processor, int(spec["image_size"]))
     return Encoder(modality, module, params,
                    prepare=lambda images: (preprocess.preprocess_images(images, processor),),
                    token_mask=lambda inputs: None, info=info)
