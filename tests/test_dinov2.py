@@ -339,3 +339,18 @@ def test_bit_processor_config_starts_from_bit_defaults(photos):
   np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
   sized = preprocess.sized_settings(preprocess.image_processor_settings(config), 112)
   assert sized["size"] == {"shortest_edge": 112} and sized["crop_size"]["height"] == 112
+
+
+@pytest.mark.parametrize("image_size,expect", [(0, 42), (28, 28), (30, 30)])
+def test_feature_encoder_at_the_model_or_a_configured_size(photos, image_size, expect):
+  """`features.build_encoder`: a dinov2 spec crops to the model's size, or to `image_size`
+  (30 is not a multiple of 7: the patch conv drops the last 2 pixels, as HF's does)."""
+  from edgeglass_jax import configs, features
+  spec = configs.encoder_spec(random=True, family="dinov2", hf_config=CONFIGS["mlp"],
+                              image_size=image_size)
+  encoder = features.build_encoder("image", spec)
+  (x,) = encoder.prepare(photos[:2])
+  assert x.shape == (2, expect, expect, 3)
+  out = encoder.module.apply(encoder.params, x)
+  assert out.tokens.shape == (2, 1 + (expect // 7) ** 2, 36)
+  assert encoder.info["image_size"] == image_size

@@ -136,3 +136,17 @@ def test_conversion_errors_are_named(onnx_file):
   weights = onnx_reader.read_onnx(onnx_file)
   with pytest.raises(WeightsError, match="no initializer decoder.embeddings.cls_token"):
     dinov2.dinov2_onnx_to_hf(weights, prefix="decoder")
+
+
+def test_feature_encoder_from_the_package_at_a_configured_size(hf_dir, photos, monkeypatch):
+  """`package="dinov2-small"` with `image_size=112`: resize 128, crop 112, 8x8 patches."""
+  from edgeglass_jax import configs, features
+  monkeypatch.setenv("EDGEGLASS_CACHE", os.path.dirname(hf_dir))
+  encoder = features.build_encoder("image", configs.encoder_spec(package="dinov2-small",
+                                                                 image_size=112))
+  (x,) = encoder.prepare(list(photos.values()))
+  processor = transformers.BitImageProcessorPil.from_pretrained(
+      hf_dir, size={"shortest_edge": 128}, crop_size={"height": 112, "width": 112})
+  ref = processor(images=list(photos.values()), return_tensors="np")["pixel_values"]
+  np.testing.assert_allclose(x, ref.transpose(0, 2, 3, 1), rtol=0, atol=1e-5)
+  assert encoder.module.apply(encoder.params, x).tokens.shape == (3, 65, 384)
