@@ -381,6 +381,15 @@ class Embed(nn.Module):
     return self.attend_dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))
 
 
+def init_attention_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+                         dtype: Dtype = jnp.float32) -> LayerCache:
+  """Empty `Attention` cache: `k`, `v [B, S, K, hd]`, `positions [B, S]`, `end_index [B]`."""
+  shape = (batch, max_len, num_kv_heads, head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "positions": jnp.zeros((batch, max_len), jnp.int32),
+          "end_index": jnp.zeros((batch,), jnp.int32)}
+
+
 class Attention(nn.Module):
   """Self-attention with an explicit KV cache, mapping `(x, positions, cache, mask)` to
   `(new_cache, y)` (gemma `gm/nn/_modules.py`).
@@ -422,10 +431,7 @@ class Attention(nn.Module):
 
   def init_cache(self, batch: int, max_len: int, dtype: Dtype = jnp.float32) -> LayerCache:
     """An empty cache of `max_len` slots (needs no params: call it on the unbound module)."""
-    shape = (batch, max_len, self.num_kv_heads, self.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "positions": jnp.zeros((batch, max_len), jnp.int32),
-            "end_index": jnp.zeros((batch,), jnp.int32)}
+    return init_attention_cache(batch, max_len, self.num_kv_heads, self.head_dim, dtype)
 
   def _dense(self, features, use_bias, axes, name):
     return Dense(features, use_bias=use_bias, kernel_axes=axes, dtype=self.dtype,
