@@ -412,7 +412,8 @@ def dinov2_onnx_to_hf(weights, prefix: str = "backbone") -> Tuple[Dict[str, np.n
       layer_norm_eps=_layer_norm_eps(weights, prefix, source), image_size=grid * proj.shape[-1],
       patch_size=int(proj.shape[-1]), num_channels=int(proj.shape[1]),
       qkv_bias=any(k in out for k in ("encoder.layer.0.attention.attention.query.bias",
-                                      "encoder.layer.0.attention.q_proj.bias")), layerscale_value=1.0,
+                                      "encoder.layer.0.attention.q_proj.bias")),
+      layerscale_value=1.0,
       use_swiglu_ffn=swiglu, use_mask_token=False, drop_path_rate=0.0,
       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.02,
       dtype="float32")
