@@ -403,7 +403,8 @@ class Attention(nn.Module):
     (no ring buffer); `new_cache["end_index"]` is `end_index + T`.
   - `mask` boolean, True = attend (None: every key); a sliding window (`|q_pos - k_pos| <
     sliding_window`, HF's exclusive bound) further restricts it.
-  Returns `y [B, T, features or D]`. Options: GQA (`num_kv_heads`), q/k/v biases, q/k RMSNorm
+  Returns `y [B, T, features or D]`. Options: GQA (`num_kv_heads`), q/k/v biases (`key_bias`
+  overrides `qkv_bias` for k: Whisper has none), q/k RMSNorm
   over `head_dim` (Gemma 3, `(1 + w)` when `qk_norm_offset=1`), logit scale
   `query_pre_attn_scalar ** -0.5` (default `head_dim ** -0.5`), logit soft-capping.
   """
@@ -412,6 +413,7 @@ class Attention(nn.Module):
   head_dim: int
   features: Optional[int] = None
   qkv_bias: bool = False
+  key_bias: Optional[bool] = None
   out_bias: bool = False
   rope: Optional[RoPE] = RoPE()
   query_pre_attn_scalar: Optional[float] = None
@@ -448,7 +450,8 @@ class Attention(nn.Module):
     b, t, d = x.shape
     h, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
     q = self._dense(h * hd, self.qkv_bias, ("embed", "heads"), "query")(x).reshape(b, t, h, hd)
-    k = self._dense(kv * hd, self.qkv_bias, ("embed", "kv_heads"), "key")(x).reshape(b, t, kv, hd)
+    key_bias = self.qkv_bias if self.key_bias is None else self.key_bias
+    k = self._dense(kv * hd, key_bias, ("embed", "kv_heads"), "key")(x).reshape(b, t, kv, hd)
     v = self._dense(kv * hd, self.qkv_bias, ("embed", "kv_heads"), "value")(x)
     v = v.reshape(b, t, kv, hd)
     if self.qk_norm:
