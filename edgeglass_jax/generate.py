@@ -1,0 +1,127 @@
+"""Batched sampling from a cached decoder: prefill the prompt into the KV cache, then one jitted
+`lax.while_loop` over a sampling state (gemma `gm/text/_sampler_loop.py`).
+
+Prompts of different lengths are left-aligned to the right end of a padded block (left padding)
+and masked out; positions count real tokens only, so a padded row gives the same tokens as the
+row alone. The prompt block is padded to a bucket (a power of two, at least 16), so one
+compilation serves every (batch, prompt bucket, max_new_tokens, sampling settings).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MIN_BUCKET = 16
+
+
+def prompt_bucket(length: int) -> int:
+  """The padded prompt length used for `length` real tokens."""
+  return max(MIN_BUCKET, 1 << int(np.ceil(np.log2(max(length, 1)))))
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int,
+                  top_p: float) -> jax.Array:
+  """`[B, V]` float logits -> `[B]` int32 tokens: argmax when `temperature == 0`, else a draw
+  from softmax(logits / temperature) restricted to the `top_k` best tokens (0: all) and to the
+  smallest set whose probability reaches `top_p` (the best token is always kept)."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, -1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  neg = jnp.finfo(jnp.float32).min
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, -1)
+    probs = jax.nn.softmax(sorted_logits, -1)
+    before = jnp.cumsum(probs, -1) - probs
+    sorted_logits = jnp.where(before < top_p, sorted_logits, neg)
+    logits = jnp.full_like(logits, neg).at[jnp.arange(logits.shape[0])[:, None], order].set(
+        sorted_logits)
+  return jax.random.categorical(rng, logits, -1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "temperature", "top_k",
+                                             "top_p", "eos_id", "cache_dtype"))
+def _generate(params, ids, valid, rng, *, module, max_new_tokens: int, temperature: float,
+              top_k: int, top_p: float, eos_id: Optional[int], cache_dtype: Any):
+  b, t = ids.shape
+  slots = t + max_new_tokens
+  fill = 0 if eos_id is None else eos_id
+  positions = jnp.maximum(jnp.cumsum(valid, 1) - 1, 0).astype(jnp.int32)
+  key_valid = jnp.concatenate([valid, jnp.ones((b, max_new_tokens), bool)], 1)
+  slot = jnp.arange(slots)
+  prefill_mask = (slot[None, None, :] <= jnp.arange(t)[None, :, None]) & key_valid[:, None, :]
+  cache = module.init_cache(b, slots, cache_dtype)
+  logits, cache = module.apply(params, ids, cache, positions, prefill_mask, method="decode")
+  rng, first_rng = jax.random.split(rng)
+  state = dict(step=jnp.int32(0), done=jnp.zeros((b,), bool),
+               next_token=sample_logits(logits[:, -1], first_rng, temperature, top_k, top_p),
+               position=positions[:, -1] + 1, tokens=jnp.full((b, max_new_tokens), fill,
+                                                              jnp.int32),
+               cache=cache, rng=rng)
+
+  def cond(s):
+    return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
+
+  def body(s):
+    token = jnp.where(s["done"], fill, s["next_token"])
+    tokens = s["tokens"].at[:, s["step"]].set(token)
+    done = s["done"] if eos_id is None else (s["done"] | (token == eos_id))
+    mask = (key_valid & (slot[None, :] <= t + s["step"]))[:, None, :]
+    logits, cache = module.apply(params, token[:, None], s["cache"], s["position"][:, None],
+                                 mask, method="decode")
+    rng, step_rng = jax.random.split(s["rng"])
+    return dict(step=s["step"] + 1, done=done,
+                next_token=sample_logits(logits[:, -1], step_rng, temperature, top_k, top_p),
+                position=s["position"] + 1, tokens=tokens, cache=cache, rng=rng)
+
+  return jax.lax.while_loop(cond, body, state)["tokens"]
+
+
+def generate(module, params, input_ids, max_new_tokens: int, *, attention_mask=None,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             eos_id: Optional[int] = None, rng: Optional[jax.Array] = None,
+             cache_dtype=jnp.float32) -> jax.Array:
+  """Continues each prompt row of `input_ids [B, T]` by `max_new_tokens` tokens.
+
+  `attention_mask [B, T]` marks the real tokens of ragged prompts (left- or right-padded; real
+  tokens must be contiguous). Greedy when `temperature == 0`, else sampled with `rng` (top-k,
+  top-p). Rows that produce `eos_id` are padded with it afterwards; the loop stops when every
+  row is done. Returns int32 `[B, max_new_tokens]`. The longest prompt plus `max_new_tokens`
+  must fit the model's `max_position_embeddings`.
+  """
+  ids = np.asarray(input_ids)
+  if ids.ndim != 2:
+    raise ValueError(f"input_ids must be [B, T], got shape {ids.shape}")
+  valid = (np.ones(ids.shape, bool) if attention_mask is None
+           else np.asarray(attention_mask).astype(bool))
+  lengths = valid.sum(1)
+  if np.any(lengths == 0):
+    raise ValueError(f"prompt rows {np.flatnonzero(lengths == 0).tolist()} have no tokens")
+  longest = int(lengths.max())
+  context = module.config.max_position_embeddings
+  if longest + max_new_tokens > context:
+    raise ValueError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} "
+                     f"exceeds the model's context of {context} positions")
+  if temperature != 0.0 and rng is None:
+    raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(...)")
+  bucket = prompt_bucket(longest)
+  packed = np.zeros((ids.shape[0], bucket), np.int32)
+  packed_valid = np.zeros((ids.shape[0], bucket), bool)
+  for row, (tokens, keep) in enumerate(zip(ids, valid)):
+    real = tokens[keep]
+    if keep.any() and not keep[np.argmax(keep):len(keep) - np.argmax(keep[::-1])].all():
+      raise ValueError(f"attention_mask row {row} has holes; real tokens must be contiguous")
+    packed[row, bucket - len(real):] = real
+    packed_valid[row, bucket - len(real):] = True
+  return _generate(params, jnp.asarray(packed), jnp.asarray(packed_valid),
+                   jax.random.key(0) if rng is None else rng, module=module,
+                   max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                   top_k=int(top_k), top_p=float(top_p),
+                   eos_id=None if eos_id is None else int(eos_id), cache_dtype=cache_dtype)
