@@ -436,3 +436,34 @@ def test_sharded_params_over_the_mesh():
   value1, grads1 = jax.value_and_grad(loss)(local_lora, local_params, x)
   np.testing.assert_allclose(value, value1, rtol=1e-5)
   _assert_close(grads, grads1, rtol=1e-4)
+
+
+def test_decoder_lm_full_and_cached_paths():
+  from edgeglass_jax import decoder
+  cfg = decoder.DecoderConfig(family="llama", vocab_size=32, hidden_size=16, intermediate_size=32,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=4, layer_types=("full_attention",) * 2)
+  lm = decoder.Decoder(cfg)
+  ids = jax.random.randint(jax.random.key(0), (2, 5), 0, 32)
+  params = nn.meta.unbox(jax.jit(lm.init)(jax.random.key(1), ids))
+  lcfg = peft.LoRAConfig(rank=2, targets=("attn/(query|key|value|out)", "mlp/.*"))
+  lora = peft.init_lora(lm, params, ids, rng=jax.random.key(2), config=lcfg)
+  assert len(peft.lora_shapes(lora)) == 2 * 7
+
+  @jax.jit
+  def paths(params, lora):
+    full = peft.apply_with_lora(lm, params, lora, ids, config=lcfg)
+    cache = lm.init_cache(2, 8)
+    prefix, cache = peft.apply_with_lora(lm, params, lora, ids[:, :3], cache, method="decode",
+                                         config=lcfg)
+    rest, _ = peft.apply_with_lora(lm, params, lora, ids[:, 3:], cache, method="decode",
+                                   config=lcfg)
+    merged = lm.apply(peft.merge_params(params, lora, lcfg), ids)
+    return lm.apply(params, ids), full, jnp.concatenate([prefix, rest], 1), merged
+
+  base, full, cached, merged = paths(params, lora)
+  np.testing.assert_array_equal(full, base)
+  base, full, cached, merged = paths(params, _randomize_b(lora, scale=0.1))
+  assert not np.allclose(full, base)
+  _assert_close(cached, full)
+  _assert_close(merged, full)
