@@ -283,8 +283,40 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voc
                     "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 
 
+_WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+
+
+def wordpiece_tokenizer(vocab_file: str):
+  """A BERT-style fast tokenizer (lowercase, WordPiece, `[CLS] ... [SEP]`, `[PAD]`/`[UNK]`) built
+  from a bare `vocab.txt` (one token per line, id = line number), as `save_pretrained` of
+  `BertTokenizerFast` on the same file would give.
+
+  The path is passed positionally: transformers 4 names that argument `vocab_file`, 5 names it
+  `vocab`, and 5 silently ignores a `vocab_file=` keyword (every token becomes `[UNK]`).
+  """
+  with open(vocab_file, encoding="utf-8") as f:
+    tokens = [line.rstrip("\n") for line in f]
+  missing = [t for t in _WORDPIECE_SPECIALS if t not in tokens]
+  if missing:
+    raise ValueError(f"{vocab_file}: a WordPiece vocabulary needs the special tokens "
+                     f"{list(_WORDPIECE_SPECIALS)}; missing {missing}")
+  from transformers import BertTokenizerFast
+  tokenizer = BertTokenizerFast(vocab_file, do_lower_case=True)
+  first, last = tokens.index("[UNK]"), len(tokens) - 1
+  if (tokenizer.convert_tokens_to_ids("[UNK]") != first
+      or tokenizer.convert_tokens_to_ids(tokens[last]) != last):
+    raise ValueError(f"{vocab_file}: the installed transformers did not read this vocabulary "
+                     f"(token {tokens[last]!r} should have id {last})")
+  return tokenizer
+
+
 def load_tokenizer(path: str):
-  """`transformers.AutoTokenizer` from a local directory only; never downloads."""
+  """A tokenizer from a local directory only; never downloads.
+
+  `transformers.AutoTokenizer` reads a saved tokenizer (`tokenizer.json` or
+  `tokenizer_config.json` with its files); a directory holding only a BERT `vocab.txt` gets
+  `wordpiece_tokenizer` (transformers 5's AutoTokenizer refuses such a directory).
+  """
   if not path:
     raise FileNotFoundError("no tokenizer directory given (set the encoder's `tokenizer` path)")
   if not os.path.isdir(path):
@@ -292,6 +324,10 @@ def load_tokenizer(path: str):
   if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
     raise FileNotFoundError(f"{path}: no tokenizer files (looked for "
                             f"{', '.join(_TOKENIZER_FILES)})")
+  saved = ("tokenizer.json", "tokenizer_config.json")
+  vocab = os.path.join(path, "vocab.txt")
+  if os.path.isfile(vocab) and not any(os.path.isfile(os.path.join(path, f)) for f in saved):
+    return wordpiece_tokenizer(vocab)
   from transformers import AutoTokenizer
   try:
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
