@@ -513,13 +513,14 @@ def split_windows(wave: np.ndarray, window: int) -> List[np.ndarray]:
   return [wave[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
 
 
-def _batch_buckets(n: int, batch_size: int) -> List[int]:
-  """Sizes of the batches that carry `n` windows: full `batch_size` ones, then the rest
-  rounded up to a power of two (at most `batch_size`), so few shapes get compiled."""
+def _batch_sizes(n: int, batch_size: int) -> List[int]:
+  """Sizes of the batches that carry `n` windows: full `batch_size` ones, then the rest split
+  into powers of two (5 -> 4 + 1), so no row is padding and few shapes get compiled."""
   sizes = [batch_size] * (n // batch_size)
   rest = n % batch_size
-  if rest:
-    sizes.append(min(batch_size, 1 << (rest - 1).bit_length()))
+  while rest:
+    sizes.append(1 << (rest.bit_length() - 1))
+    rest -= sizes[-1]
   return sizes
 
 
@@ -564,13 +565,11 @@ def transcribe(waves: Sequence[Any], sample_rate: int = SAMPLE_RATE,
         owners.append(i)
   texts: List[str] = []
   start = 0
-  for size in _batch_buckets(len(windows), batch_size):
-    chunk = windows[start:start + size]
+  for size in _batch_sizes(len(windows), batch_size):
     audio = np.zeros((size, asr.window), np.float32)
-    for row, piece in enumerate(chunk):
+    for row, piece in enumerate(windows[start:start + size]):
       audio[row, :len(piece)] = piece
-    ids = asr.token_ids(audio, max_new_tokens)
-    texts += [asr.decode_text(row) for row in ids[:len(chunk)]]
+    texts += [asr.decode_text(row) for row in asr.token_ids(audio, max_new_tokens)]
     start += size
   joined: List[List[str]] = [[] for _ in clips]
   for owner, text in zip(owners, texts):

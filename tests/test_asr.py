@@ -229,6 +229,13 @@ def test_transcribe_matches_token_ids_and_batches(loaded):
   assert got == expected
 
 
+def test_batch_sizes():
+  assert asr._batch_sizes(0, 8) == []
+  assert asr._batch_sizes(5, 8) == [4, 1]
+  assert asr._batch_sizes(19, 8) == [8, 8, 2, 1]
+  assert asr._batch_sizes(3, 1) == [1, 1, 1]
+
+
 def test_long_clip_goes_in_equal_windows(loaded):
   clip = speech_like(8, 2.5)
   pieces = asr.split_windows(clip, WINDOW)
