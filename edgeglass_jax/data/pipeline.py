@@ -17,56 +17,36 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import grain
 import numpy as np
 
 from edgeglass_jax import features
+from edgeglass_jax.weights import hf
 
 FIELDS = ("pooled", "tokens", "token_mask")
 
-_ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
-              "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1",
-              "BOOL": "?"}
 
-
-def _st_dtype(code: str, path: str, key: str) -> np.dtype:
-  if code == "BF16":
-    import ml_dtypes
-    return np.dtype(ml_dtypes.bfloat16)
-  if code not in _ST_DTYPES:
-    raise ValueError(f"{path}: tensor {key!r} has dtype {code}, which cannot be memory-mapped")
-  return np.dtype(_ST_DTYPES[code])
+def _unreadable_shard(error: Exception) -> IOError:
+  return IOError(f"feature shard {error}; delete it and its .json and rerun extraction to "
+                 "rebuild it")
 
 
 def _mmap_safetensors(path: str, keys: Sequence[str]) -> Dict[str, np.ndarray]:
-  """Read-only numpy views of `keys` in a `.safetensors` file, backed by one memory map."""
+  """Read-only numpy views of `keys` in a feature shard, backed by one memory map."""
   try:
-    with open(path, "rb") as f:
-      (header_len,) = struct.unpack("<Q", f.read(8))
-      header = json.loads(f.read(header_len))
-  except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise IOError(f"feature shard {path} is unreadable ({e}); delete it and its .json and rerun "
-                  "extraction to rebuild it") from e
-  buf = np.memmap(path, np.uint8, mode="r")
-  base = 8 + header_len
-  out = {}
-  for key in keys:
-    if key not in header:
-      raise KeyError(f"{path}: no tensor {key!r} (it has {sorted(set(header) - {'__metadata__'})})")
-    meta = header[key]
-    dtype = _st_dtype(meta["dtype"], path, key)
-    start, end = meta["data_offsets"]
-    out[key] = buf[base + start:base + end].view(dtype).reshape(meta["shape"])
-  return out
+    return hf.memmap_safetensors(path, keys)
+  except hf.WeightsError as e:
+    raise _unreadable_shard(e) from e
 
 
 def _shard_keys(path: str) -> List[str]:
-  from safetensors import safe_open
-  with safe_open(path, framework="np") as f:
-    return list(f.keys())
+  try:
+    header, _ = hf.safetensors_header(path)
+  except hf.WeightsError as e:
+    raise _unreadable_shard(e) from e
+  return sorted(k for k in header if k != "__metadata__")
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:

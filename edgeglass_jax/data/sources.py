@@ -114,7 +114,7 @@ def _decode_audio(value: Any, item_id: str, sample_rate: int) -> np.ndarray:
   if isinstance(value, np.ndarray):
     audio = value.astype(np.float32)
   else:
-    from edgeglass_jax.encoders.whisper import load_audio
+    from edgeglass_jax.data.audio import load_audio
     if not os.path.isfile(value):
       raise DecodeError(f"{item_id}: audio file {value} does not exist")
     try:

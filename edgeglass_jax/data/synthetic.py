@@ -38,6 +38,8 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from edgeglass_jax.data.audio import read_wav
+
 COLORS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 SIZES = ("small", "large")
@@ -295,27 +297,6 @@ def _resample(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
   return out.astype(np.float32)
 
 
-def _parse_wav(data: bytes) -> Tuple[np.ndarray, int]:
-  """PCM16 mono WAV bytes (espeak-ng `--stdout`, whose sizes may be 'unknown') -> float, rate."""
-  if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-    raise RuntimeError(f"espeak-ng --stdout returned {len(data)} bytes that are not a WAV file")
-  pos, rate, channels, bits = 12, None, None, None
-  while pos + 8 <= len(data):
-    chunk, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
-    if chunk == b"fmt ":
-      channels = int.from_bytes(data[pos + 10:pos + 12], "little")
-      rate = int.from_bytes(data[pos + 12:pos + 16], "little")
-      bits = int.from_bytes(data[pos + 22:pos + 24], "little")
-    elif chunk == b"data":
-      if rate is None or bits != 16:
-        raise RuntimeError(f"espeak-ng WAV: expected a PCM16 'fmt ' chunk, got bits={bits}")
-      body = data[pos + 8:min(len(data), pos + 8 + size)]
-      pcm = np.frombuffer(body[:len(body) // 2 * 2], "<i2").astype(np.float32) / 32768.0
-      return pcm.reshape(-1, channels).mean(-1), rate
-    pos += 8 + size + (size & 1)
-  raise RuntimeError("espeak-ng WAV has no 'data' chunk")
-
-
 @functools.lru_cache(maxsize=8192)
 def _espeak(text: str, voice: str, rate: int, pitch: int, sample_rate: int) -> np.ndarray:
   """`text` spoken by espeak-ng, leading/trailing silence trimmed, float32 at `sample_rate`."""
@@ -328,7 +309,10 @@ def _espeak(text: str, voice: str, rate: int, pitch: int, sample_rate: int) -> n
   if proc.returncode != 0:
     raise RuntimeError(f"espeak-ng failed (voice {voice!r}, text {text!r}): "
                        f"{proc.stderr.decode(errors='replace').strip()}")
-  pcm, rate_in = _parse_wav(proc.stdout)
+  try:
+    pcm, rate_in = read_wav(proc.stdout)
+  except ValueError as e:
+    raise RuntimeError(f"espeak-ng --stdout (voice {voice!r}, text {text!r}): {e}") from e
   voiced = np.flatnonzero(np.abs(pcm) > 1e-3)
   if voiced.size:
     pcm = pcm[voiced[0]:voiced[-1] + 1]

