@@ -65,10 +65,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from edgeglass_jax import configs, losses  # noqa: E402
+from edgeglass_jax import MODALITIES, configs, losses  # noqa: E402
 from edgeglass_jax.tasks import align, loop  # noqa: E402
 
-MODALITIES = ("image", "audio", "text")
 FEATURE_DIMS = {"image": 768, "audio": 384, "text": 384}
 WIDTHS = (512, 256, 128, 64)
 HIDDEN, DEPTH, MLP_RATIO = 512, 2, 4

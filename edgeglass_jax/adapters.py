@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from edgeglass_jax import layers
-from edgeglass_jax.layers import DotGeneralFactory, Dtype
+from edgeglass_jax.layers import DotGeneralFactory, Dtype, l2_normalize
 
 Array = jax.Array
 
@@ -43,12 +43,6 @@ def masked_mean(x: Array, mask: Optional[Array] = None) -> Array:
     return x32.mean(axis=1)
   w = mask.astype(jnp.float32)[..., None]
   return (x32 * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
-
-
-def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
-  """`x / ||x||` over the last axis, in float32."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
 
 
 def grid_side(num_tokens: int, factor: int, has_cls: Optional[bool] = None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
-MODALITIES = ("image", "audio", "text")
+from edgeglass_jax import MODALITIES
 
 
 def synthetic_data(num_train=1024, num_val=256, num_test=256, image_size=64,

@@ -12,14 +12,11 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-MODALITIES = ("image", "audio", "text")
+from edgeglass_jax import MODALITIES
+from edgeglass_jax.layers import l2_normalize
+
 _KEY = re.compile(r"^([a-z]+)_to_([a-z]+)/(R@\d+|mAP)(?:@d(\d+))?$")
 _ROW_BLOCK = 1 << 22  # sim entries sorted at once in the several-positives path
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-  x = np.asarray(x, np.float32)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def retrieval_metrics(sim, positives=None, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
@@ -151,7 +148,7 @@ def six_direction_retrieval(z: Mapping[str, np.ndarray], groups=None,
     valid[m] = v
   out = {}
   for width, suffix in plan:
-    zw = {m: _normalize(z[m][:, :width]) for m in mods}
+    zw = {m: l2_normalize(np.asarray(z[m][:, :width], np.float32)) for m in mods}
     for src, dst in itertools.permutations(mods, 2):
       q, c = valid[src], valid[dst]
       sim = zw[src][q] @ zw[dst][c].T
@@ -170,7 +167,8 @@ def zero_shot_classification(z_query, z_prompts, labels, mask=None) -> float:
   Both are L2-normalised; the prediction is argmax_c cos(query, prompt_c) (first class on ties);
   `labels [N]` int in [0, C); `mask [N]` selects the scored queries.
   """
-  q, p = _normalize(z_query), _normalize(z_prompts)
+  q = l2_normalize(np.asarray(z_query, np.float32))
+  p = l2_normalize(np.asarray(z_prompts, np.float32))
   labels = np.asarray(labels)
   if q.ndim != 2 or p.ndim != 2 or q.shape[1] != p.shape[1]:
     raise ValueError(f"zero_shot_classification: z_query {q.shape} and z_prompts {p.shape} "

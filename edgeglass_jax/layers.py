@@ -148,6 +148,21 @@ class RMSNorm(nn.Module):
     return (y * (self.scale_offset + scale.astype(jnp.float32))).astype(self.dtype)
 
 
+def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
+  """`x / max(||x||, eps)` along `axis`: the one L2 normalisation of embeddings.
+
+  Runs in float32 (float64 stays float64). A numpy array in gives a numpy array out (host-side
+  eval on gathered embeddings); anything else gives a jax array (model heads, losses). The floor
+  keeps a zero row zero, with a finite gradient.
+  """
+  xp = np if isinstance(x, np.ndarray) else jnp
+  x = xp.asarray(x)
+  if not xp.issubdtype(x.dtype, xp.floating) or xp.finfo(x.dtype).bits < 32:
+    x = x.astype(xp.float32)
+  sq = xp.sum(x * x, axis=axis, keepdims=True)
+  return x / xp.sqrt(xp.maximum(sq, eps * eps))
+
+
 def make_norm(kind: str, epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str):
   if kind == "layernorm":
     return LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name)

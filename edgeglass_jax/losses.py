@@ -19,8 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
+from edgeglass_jax import MODALITIES
+from edgeglass_jax.layers import l2_normalize
+
 Array = jax.Array
-MODALITIES = ("image", "audio", "text")
 ALL_PAIRS = (("image", "text"), ("audio", "text"), ("image", "audio"))
 # SigLIP (Zhai et al. 2023) and CLIP (Radford et al. 2021) initial temperature / bias.
 SIGMOID_INIT = (math.log(10.0), -10.0)
@@ -51,13 +53,6 @@ def _mask_or_ones(mask, n: int, name: str = "mask") -> Array:
   if mask.shape != (n,):
     raise ValueError(f"{name} must be [N] = [{n}], got shape {mask.shape}")
   return mask.astype(bool)
-
-
-def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
-  """x / max(||x||, eps) along `axis` (no NaN gradient at zero)."""
-  x = _float(x)
-  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-MODALITIES = ("image", "audio", "text")
+from edgeglass_jax import MODALITIES
 
 
 class DecodeError(ValueError):
