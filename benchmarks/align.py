@@ -395,7 +395,8 @@ def variant_loss_fns(model, config):
   tau, cw = float(config.loss.cycle_temperature), float(config.loss.cycle_weight)
 
   def head_outputs(params, batch):
-    """Full-width head outputs `[N, 512]` per modality (the MRL-E `proj` before slicing)."""
+    """Full-width head outputs `[N, 512]` per modality (the MRL-E `proj` before slicing) and
+    the model's pair temperatures and biases."""
     captured = {}
 
     def grab(next_fun, args, kwargs, context):
@@ -405,13 +406,13 @@ def variant_loss_fns(model, config):
       return y
 
     with nn.intercept_methods(grab):
-      model.apply(params, batch)
-    return captured
+      _, pairs = model.apply(params, batch)
+    return captured, pairs
 
   def fused(params, batch, rng, cycle_widths=WIDTHS):
     del rng
-    z = head_outputs(params, batch)
-    per_w = mrl_e_sigmoid_losses(z, params["params"]["pairs"], WIDTHS)
+    z, pairs = head_outputs(params, batch)
+    per_w = mrl_e_sigmoid_losses(z, pairs, WIDTHS)
     total = 0.0
     for w in WIDTHS:
       total = total + sum(per_w[w].values())
@@ -422,8 +423,7 @@ def variant_loss_fns(model, config):
 
   def reference(params, batch, rng, cycle_widths=WIDTHS, cycle=True):
     del rng
-    z = model.apply(params, batch)
-    pp = params["params"]["pairs"]
+    z, pp = model.apply(params, batch)
     total = 0.0
     for w in WIDTHS:
       for a, c in losses.ALL_PAIRS:

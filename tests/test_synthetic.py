@@ -247,3 +247,23 @@ def test_resample_keeps_frequency_and_length():
   assert out.dtype == np.float32 and out.shape == (SR,)
   assert abs(_peak_hz(out) - 1000.0) <= 1.0
   np.testing.assert_allclose(np.sqrt(np.mean(out**2)), np.sqrt(0.5), rtol=1e-3)
+
+
+def test_zero_shot_tasks_come_from_the_data_source():
+  """The synthetic source gives its attribute prompts and labels; a manifest gives none."""
+  from edgeglass_jax import configs
+  from edgeglass_jax.data import sources
+  tasks = sources.zero_shot(configs.synthetic_data())
+  assert list(tasks.prompts) == list(S.ATTRIBUTE_NAMES)
+  items = [S.Attributes("blue", "star", "small", "right"),
+           S.Attributes("red", "ring", "large", "left")]
+  labels = tasks.labels(np.array([S.group_of(a) for a in items]))
+  for name in S.ATTRIBUTE_NAMES:
+    assert labels[name].shape == (2,) and labels[name].dtype == np.int32
+    assert tasks.prompts[name] == S.prompts_for(name)
+  assert labels["color"].tolist() == [S.COLORS.index("blue"), S.COLORS.index("red")]
+  assert "star" in tasks.prompts["shape"][labels["shape"][0]]
+  assert "left" in tasks.prompts["position"][labels["position"][1]]
+  manifest = configs.synthetic_data()
+  manifest.source = "manifest"
+  assert sources.zero_shot(manifest) is None

@@ -323,6 +323,11 @@ def iterator_save_args(iterator: grain.DatasetIterator):
   return grain.checkpoint.CheckpointSave(iterator)
 
 
+def iterator_checkpoint_handler():
+  """The orbax handler of a grain iterator's state (lets a manager read step metadata)."""
+  return grain.checkpoint.CheckpointHandler()
+
+
 def iterator_restore_args(iterator: grain.DatasetIterator):
   """`ocp.args` that restore a saved state into `iterator` (a fresh one of the same pipeline)."""
   return grain.checkpoint.CheckpointRestore(iterator)

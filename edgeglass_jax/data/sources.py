@@ -186,6 +186,27 @@ def make_source(data_cfg, split: str):
   raise ValueError(f"config.data.source={kind!r}: use 'synthetic', 'manifest' or 'tfds'")
 
 
+class ZeroShot(NamedTuple):
+  """Zero-shot classification tasks a data source defines.
+
+  prompts: `{task: [one text prompt per class]}`; labels: example group ids `[N]` ->
+  `{task: class index int [N]}` (classes in prompt order).
+  """
+  prompts: Dict[str, List[str]]
+  labels: Callable[[np.ndarray], Dict[str, np.ndarray]]
+
+
+def zero_shot(data_cfg) -> Optional[ZeroShot]:
+  """The zero-shot tasks of `config.data`'s source: the synthetic set's attributes (color,
+  shape, size, position); None for manifest and TFDS data, which name no classes, so they get
+  no zero-shot metrics."""
+  if data_cfg.source != "synthetic":
+    return None
+  from edgeglass_jax.data import synthetic
+  return ZeroShot({a: synthetic.prompts_for(a) for a in synthetic.ATTRIBUTE_NAMES},
+                  synthetic.zero_shot_labels)
+
+
 def available_splits(data_cfg, requested: Sequence[str]) -> List[str]:
   if data_cfg.source == "manifest":
     return [s for s in requested if data_cfg.manifest.get(s)]

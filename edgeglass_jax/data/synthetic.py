@@ -157,6 +157,14 @@ def prompts_for(attribute: str, template: Optional[str] = None) -> List[str]:
   return [_ARTICLE.sub(r"\1n ", template.format(w)) for w in words]
 
 
+def zero_shot_labels(groups: np.ndarray) -> Dict[str, np.ndarray]:
+  """Per-attribute class indices `{attribute: int [N]}` of examples with group ids `groups [N]`,
+  in the class order of `prompts_for`."""
+  attrs = [attributes_of(g) for g in np.asarray(groups).reshape(-1)]
+  return {name: np.array([VOCAB[name].index(a[i]) for a in attrs], np.int32)
+          for i, name in enumerate(ATTRIBUTE_NAMES)}
+
+
 def _rng(seed: int, *stream: int) -> np.random.Generator:
   return np.random.default_rng([int(seed) & 0xFFFFFFFF, *stream])
 

@@ -17,7 +17,7 @@ import numpy as np
 from flax import linen as nn
 
 from edgeglass_jax import adapters, evaluate, losses, sharding
-from edgeglass_jax.data import pipeline
+from edgeglass_jax.data import pipeline, sources
 from edgeglass_jax.tasks import extract, loop
 
 
@@ -25,7 +25,9 @@ class Aligner(nn.Module):
   """One adapter + Matryoshka head per modality and a learnable temperature (bias) per pair.
 
   `__call__(batch)` maps `{"{m}/pooled" [B, D_m], "{m}/tokens" [B, N_m, D_m],
-  "{m}/token_mask" [B, N_m]}` to `{m: {width: z [B, width]}}` (each z L2-normalised).
+  "{m}/token_mask" [B, N_m]}` to `(z, pairs)`: `z = {m: {width: [B, width]}}` (each
+  L2-normalised) and `pairs = {"a_b": {"t_prime": [], "b": []}}`, the model's own logit scale and
+  bias per trained pair (big_vision two_towers), so a loss never reads parameter paths.
   """
   adapter_configs: Tuple[Tuple[str, adapters.AdapterConfig], ...]
   widths: Tuple[int, ...]
@@ -50,7 +52,7 @@ class Aligner(nn.Module):
                                  batch.get(f"{modality}/token_mask"))
 
   def __call__(self, batch):
-    return {m: self.embed(batch, m) for m, _ in self.adapter_configs}
+    return {m: self.embed(batch, m) for m, _ in self.adapter_configs}, self.pair_params
 
 
 def build_model(config, feature_dims=None) -> Aligner:
@@ -83,9 +85,8 @@ def make_loss_fn(model: Aligner, config, mesh=None):
 
   def loss_fn(params, batch, rng):
     del rng
-    z = model.apply(params, batch)
+    z, pair_params = model.apply(params, batch)
     present = {m: batch[f"{m}/valid"] for m in mods}
-    pair_params = params["params"]["pairs"]
 
     def at_width(zw):
       total, metrics = losses.multimodal_contrastive_loss(
@@ -123,37 +124,35 @@ def ensure_features(config, workdir: str) -> str:
   return out
 
 
-def prompt_features(config, feature_dir: str):
-  """Frozen-text-encoder features of the synthetic set's zero-shot prompts, cached on disk.
+def prompt_features(config, feature_dir: str, mesh, prompts: Dict[str, list]):
+  """Frozen-text-encoder features of zero-shot class prompts, cached on disk.
 
-  Returns `{attribute: pooled [C, D]}` (classes in `synthetic.VOCAB` order), or None when the
-  data is not the synthetic set or there is no text modality.
+  `prompts` is `{task: [C texts]}` (from the data source); returns `{task: pooled [C, D]}`, or
+  None when there is no text modality. The cache `{feature_dir}/prompts.safetensors` is written
+  once, on first use.
   """
-  if config.data.source != "synthetic" or "text" not in config.modalities:
+  if "text" not in config.modalities:
     return None
   from safetensors.numpy import load_file, save_file
   from edgeglass_jax import features
-  from edgeglass_jax.data import synthetic
   path = os.path.join(feature_dir, "prompts.safetensors")
   if not os.path.isfile(path):
     encoder = features.build_encoder("text", config.encoders.text)
-    runner = features.Runner(encoder, sharding.make_mesh(config.mesh), 64, False, np.float32)
-    save_file({a: runner(synthetic.prompts_for(a))["pooled"] for a in synthetic.ATTRIBUTE_NAMES},
+    runner = features.Runner(encoder, mesh, 64, False, np.float32)
+    save_file({task: runner(list(texts))["pooled"] for task, texts in prompts.items()},
               path + ".tmp")
     os.replace(path + ".tmp", path)
-  return load_file(path)
-
-
-def attribute_labels(groups: np.ndarray) -> Dict[str, np.ndarray]:
-  """Per-attribute class indices of synthetic examples from their group ids."""
-  from edgeglass_jax.data import synthetic
-  attrs = [synthetic.attributes_of(g) for g in groups]
-  return {name: np.array([synthetic.VOCAB[name].index(a[i]) for a in attrs])
-          for i, name in enumerate(synthetic.ATTRIBUTE_NAMES)}
+  cached = load_file(path)
+  missing = sorted(set(prompts) - set(cached))
+  if missing:
+    raise KeyError(f"{path} has no prompt features for zero-shot tasks {missing}; delete it to "
+                   "rebuild it")
+  return {task: cached[task] for task in prompts}
 
 
 class Evaluator:
-  """Embeds whole eval splits with the current params and scores six-direction retrieval."""
+  """Embeds whole eval splits with the current params and scores six-direction retrieval, and
+  zero-shot classification when the data source defines class prompts (`sources.zero_shot`)."""
 
   def __init__(self, model: Aligner, config, feature_dir: str, mesh):
     self.model, self.config, self.mesh = model, config, mesh
@@ -162,28 +161,30 @@ class Evaluator:
                     for s in config.eval.splits}
     self.batch_size = config.eval.batch_size
     self.apply = jax.jit(self._embed_batch, out_shardings=sharding.replicated(mesh))
-    self.prompts = prompt_features(config, feature_dir)
+    self.tasks = sources.zero_shot(config.data)
+    self.prompts = None if self.tasks is None else prompt_features(config, feature_dir, mesh,
+                                                                   self.tasks.prompts)
     self.embed_text = jax.jit(lambda p, pooled: model.apply(
         p, {"text/pooled": pooled}, "text", method=Aligner.embed))
 
   def zero_shot(self, params, z, present, groups) -> Dict[str, float]:
-    """Accuracy of classifying each attribute from image/audio embeddings by text prompts."""
-    labels = attribute_labels(groups)
+    """Accuracy of classifying each task's classes from image/audio embeddings by text prompts."""
+    labels = self.tasks.labels(groups)
     out = {}
-    for attribute, pooled in self.prompts.items():
+    for task, pooled in self.prompts.items():
       prompts = self.embed_text(params, pooled)
       for m in z:
         if m == "text" or not present[m].any():
           continue
         for w in self.model.widths:
-          out[f"zeroshot/{m}/{attribute}@d{w}"] = evaluate.zero_shot_classification(
-              z[m][w], np.asarray(prompts[w]), labels[attribute], mask=present[m])
+          out[f"zeroshot/{m}/{task}@d{w}"] = evaluate.zero_shot_classification(
+              z[m][w], np.asarray(prompts[w]), labels[task], mask=present[m])
     return out
 
   def _embed_batch(self, params, batch):
     """Embeddings and row bookkeeping of one global batch, replicated to every process."""
     keys = ["mask", "group"] + [f"{m}/valid" for m in self.config.modalities]
-    return self.model.apply(params, batch), {k: batch[k] for k in keys}
+    return self.model.apply(params, batch)[0], {k: batch[k] for k in keys}
 
   def embed(self, params, split: str):
     mods = tuple(self.config.modalities)
@@ -222,14 +223,14 @@ class Evaluator:
     return metrics
 
 
-def make_task(config, workdir: str) -> loop.Task:
-  """The align task's model, loss, data and eval for the shared loop (features extracted first)."""
+def make_task(config, workdir: str, mesh) -> loop.Task:
+  """The align task's model, loss, data and eval on the run's `mesh` for the shared loop
+  (features extracted first)."""
   feature_dir = ensure_features(config, workdir)
   mods = tuple(config.modalities)
   train_src = pipeline.FeatureSource(os.path.join(feature_dir, config.train.split), mods,
                                      seed=config.seed)
   model = build_model(config)
-  mesh = sharding.make_mesh(config.mesh)
   example = train_src.get_batch(np.arange(2), 0)
   train_iter = pipeline.make_train_loader(train_src, config.train.batch_size, config.seed,
                                           jax.process_index(), jax.process_count())
@@ -243,6 +244,6 @@ def make_task(config, workdir: str) -> loop.Task:
 
 
 def run(config, workdir: str) -> dict:
-  result = loop.train(config, workdir, make_task(config, workdir))
+  result = loop.run(config, workdir, make_task)
   result.pop("state", None)
   return result

@@ -6,14 +6,21 @@ state initialised under the mesh with its shardings, one jitted step with donate
 best, exact resume with the data iterator's state, fallback past a damaged latest checkpoint),
 clu metrics and writers, progress and periodic eval, and a guard that skips non-finite updates
 and stops after `max_nonfinite` in a row.
+
+A workdir belongs to one run: before anything is created, the stored tree metadata of the
+checkpoint to resume is compared with this run's abstract state, and a checkpoint of another
+model raises `CheckpointMismatchError` naming the first parameter that differs. Every path out of
+`train` (normal end, error, non-finite stop) closes the checkpoint manager and the metric writer.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import re
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import flax
 import jax
@@ -30,6 +37,13 @@ from edgeglass_jax.data import pipeline
 
 class NonFiniteError(FloatingPointError):
   """Too many consecutive updates had a non-finite loss or gradient."""
+
+
+class CheckpointMismatchError(ValueError):
+  """The workdir's checkpoint belongs to another model: a parameter's shape or the tree differs.
+
+  Raised before the run writes anything, so the workdir stays as it was.
+  """
 
 
 @flax.struct.dataclass
@@ -121,6 +135,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, cfg):
+    self.directory = os.path.abspath(directory)
     self.best_metric = cfg.get("keep_best_metric") or None
     if cfg.get("best_mode", "max") not in ("max", "min"):
       raise ValueError(f"config.train.best_mode must be 'max' or 'min', got {cfg.best_mode!r}")
@@ -134,8 +149,10 @@ class Checkpointer:
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         best_fn=(lambda m: m[self.best_metric]) if self.best_metric else None,
         best_mode=cfg.get("best_mode", "max"))
-    self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                                         item_names=("state", "data"))
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=("state", "data"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": pipeline.iterator_checkpoint_handler()})
 
   def save(self, step: int, state, data_iter, metrics=None, force=False):
     if metrics is not None and self.best_metric:
@@ -149,22 +166,116 @@ class Checkpointer:
                               data=pipeline.iterator_save_args(data_iter))
     self.manager.save(step, args=args, metrics=metrics, force=force)
 
+  def stored_shapes(self, step: int) -> Dict[str, Tuple[int, ...]]:
+    """`{path: shape}` of the state saved at `step`, read from its tree metadata (no arrays)."""
+    metadata = self.manager.item_metadata(step)
+    state = metadata.get("state") if metadata is not None else None
+    if state is None:
+      raise FileNotFoundError(f"step {step} has no readable 'state' item metadata")
+    return flat_shapes(state)
+
   def restore(self, abstract_state, data_iter):
-    """Latest restorable checkpoint -> state (or None); damaged ones are skipped with a warning."""
+    """Latest restorable checkpoint -> state (or None when there is none).
+
+    A step whose metadata or arrays cannot be read (truncated, corrupt) is skipped with a
+    warning and the one before is tried. A readable step whose tree differs from
+    `abstract_state` raises `CheckpointMismatchError` without restoring anything.
+    """
+    expected = flat_shapes(abstract_state)
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=pipeline.iterator_restore_args(data_iter)))
+        stored = self.stored_shapes(step)
+      except Exception as e:  # unreadable metadata: a damaged step, fall back
+        self._warn_damaged(step, e)
+        continue
+      difference = first_difference(expected, stored)
+      if difference is not None:
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} in {self.directory} belongs to another model: {difference}. "
+            f"Nothing was written; rerun with the config that wrote it, or use another --workdir.")
+      try:
+        with _draining_event_loops():
+          restored = self.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state),
+              data=pipeline.iterator_restore_args(data_iter)))
         return restored["state"]
-      except Exception as e:  # a truncated or corrupt step: fall back to the one before
-        logging.warning("checkpoint step %d in %s cannot be restored (%s: %s); falling back to "
-                        "the previous one", step, self.manager.directory, type(e).__name__, e)
+      except Exception as e:  # a truncated or corrupt array file: fall back to the one before
+        self._warn_damaged(step, e)
     return None
+
+  def _warn_damaged(self, step: int, error: Exception):
+    logging.warning("checkpoint step %d in %s cannot be restored (%s: %s); falling back to the "
+                    "previous one", step, self.directory, type(error).__name__, error)
 
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class _DrainingEventLoop(asyncio.SelectorEventLoop):
+  """An event loop that lets its pending tasks finish before it closes.
+
+  orbax runs a restore in a fresh loop and closes it as soon as the restore coroutine raises
+  (`asyncio_utils._run_sync_via_new_loop` skips `asyncio.run`'s task cleanup), so when one array
+  of a damaged checkpoint fails, the other arrays' TensorStore reads are still in flight: each
+  completion then calls into the closed loop ("RuntimeError: Event loop is closed") or its
+  coroutine is destroyed mid-read ("Exception ignored in <coroutine ...>"), one traceback per
+  array. Draining the loop turns those into collected, ignored results.
+  """
+
+  def close(self):
+    while not self.is_closed() and not self.is_running():
+      pending = [t for t in asyncio.all_tasks(self) if not t.done()]
+      if not pending:
+        break
+      self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+  def new_event_loop(self):
+    return _DrainingEventLoop()
+
+
+@contextlib.contextmanager
+def _draining_event_loops():
+  """Event loops created inside (by orbax's restore) drain before they close."""
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_DrainingPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
+
+
+def flat_shapes(tree) -> Dict[str, Tuple[int, ...]]:
+  """`{"a/b/c": shape}` of a state tree or of orbax's stored tree metadata, in tree order.
+
+  Both are keyed as orbax stores them (dict keys, namedtuple fields, sequence indices), so the
+  two sides of a resume compare path by path.
+  """
+  return {"/".join(str(k) for k in path): tuple(leaf.shape)
+          for path, leaf in ocp.tree.to_flat_dict(tree).items()}
+
+
+def first_difference(expected: Dict[str, Tuple[int, ...]],
+                     stored: Dict[str, Tuple[int, ...]]) -> Optional[str]:
+  """The first path (in `expected`'s order) whose shape differs or that only one side has,
+  described with both shapes; None when the trees agree. Paths only the checkpoint has are
+  named in the order of `expected`'s top-level keys (params before optimizer state)."""
+  tops = list(dict.fromkeys(p.split("/", 1)[0] for p in expected))
+  rank = lambda p: tops.index(p.split("/", 1)[0]) if p.split("/", 1)[0] in tops else len(tops)
+  extra = sorted((p for p in stored if p not in expected), key=rank)
+  for path, shape in expected.items():
+    if path not in stored:
+      more = f"; the checkpoint has {len(extra)} this run lacks, first {extra[0]}" if extra else ""
+      return f"{path} {shape} is in this run but not in the checkpoint{more}"
+    if tuple(stored[path]) != tuple(shape):
+      return f"{path} has shape {shape} in this run but {tuple(stored[path])} in the checkpoint"
+  if extra:
+    return (f"the checkpoint has {len(extra)} entries this run lacks, first {extra[0]} "
+            f"{tuple(stored[extra[0]])}")
+  return None
 
 
 class _Averages:
@@ -187,51 +298,81 @@ class _Averages:
     return {n: float(values[safe]) for n, safe in self.names.items()}
 
 
-def init_state(task: Task, tx, mesh, rng, rules=None):
-  """TrainState initialised directly in its shardings; returns (state, shardings)."""
-
+def _state_fn(task: Task, tx):
   def create(r):
     params = task.init_params(r)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       nonfinite_streak=jnp.zeros((), jnp.int32),
                       nonfinite_total=jnp.zeros((), jnp.int32))
+  return create
 
-  abstract = jax.eval_shape(create, rng)
-  shardings = sharding.tree_shardings(abstract, mesh, rules)
-  state = jax.jit(lambda r: nn.meta.unbox(create(r)), out_shardings=shardings)(rng)
+
+def abstract_state(task: Task, tx, mesh, rng, rules=None):
+  """(unboxed `ShapeDtypeStruct` TrainState carrying its shardings, shardings); runs no init."""
+  boxed = jax.eval_shape(_state_fn(task, tx), rng)
+  shardings = sharding.tree_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.meta.unbox(boxed), shardings)
+  return abstract, shardings
+
+
+def init_state(task: Task, tx, mesh, rng, rules=None):
+  """TrainState initialised directly in its shardings; returns (state, shardings)."""
+  create = _state_fn(task, tx)
+  shardings = sharding.tree_shardings(jax.eval_shape(create, rng), mesh, rules)
+  with mesh:
+    state = jax.jit(lambda r: nn.meta.unbox(create(r)), out_shardings=shardings)(rng)
   return state, shardings
 
 
-def train(config, workdir: str, task: Task, hooks=()) -> Dict[str, Any]:
-  """Runs (or resumes) training; returns `{"step": N, "metrics": {...}, "state": TrainState}`.
+def run(config, workdir: str, make_task: Callable[..., Task], hooks=()) -> Dict[str, Any]:
+  """One run of a task: builds the run's mesh once, `make_task(config, workdir, mesh)`, trains."""
+  mesh = sharding.make_mesh(config.mesh)
+  return train(config, workdir, make_task(config, workdir, mesh), mesh, hooks=hooks)
 
-  `hooks` are called with the step number after each step (and its checkpoint, if any).
+
+def train(config, workdir: str, task: Task, mesh, hooks=()) -> Dict[str, Any]:
+  """Runs (or resumes) training on `mesh`; returns `{"step": N, "metrics": {...}, "state": ...}`.
+
+  The checkpoint to resume is checked against this run's state before anything is written
+  (`CheckpointMismatchError`). `hooks` are called with the step number after each step (and
+  its checkpoint, if any).
   """
   cfg = config.train
-  mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules([tuple(r) for r in config.get("axis_rules", ())])
   tx = make_optimizer(cfg)
-  rng = jax.random.key(config.seed)
-  init_rng, step_rng = jax.random.split(rng)
-  with mesh:
-    state, state_shardings = init_state(task, tx, mesh, init_rng, rules)
+  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+  abstract, state_shardings = abstract_state(task, tx, mesh, init_rng, rules)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          state, state_shardings)
-  restored = ckpt.restore(abstract, task.train_iter)
-  if restored is not None:
-    state = restored
-    logging.info("resumed from step %d", int(state.step))
-  start = int(state.step)
+  writer = None
+  try:
+    state = ckpt.restore(abstract, task.train_iter)
+    if state is None:
+      state, _ = init_state(task, tx, mesh, init_rng, rules)
+    else:
+      logging.info("resumed from step %d", int(state.step))
+    is_lead = jax.process_index() == 0
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_lead,
+                                                  asynchronous=True)
+    result = _train_steps(cfg, task, tx, mesh, state, state_shardings, step_rng, ckpt, writer,
+                          hooks, is_lead)
+    if ckpt.best_metric and ckpt.manager.best_step() is not None:
+      result["metrics"]["checkpoint/best_step"] = float(ckpt.manager.best_step())
+    return result
+  finally:
+    ckpt.close()
+    if writer is not None:
+      writer.close()
 
+
+def _train_steps(cfg, task: Task, tx, mesh, state, state_shardings, step_rng, ckpt, writer,
+                 hooks, is_lead) -> Dict[str, Any]:
+  """The step/log/eval/checkpoint loop of `train` from `state.step` to `cfg.steps`."""
   batch_shard = sharding.batch_sharding(mesh)
   step_fn = jax.jit(make_train_step(task.loss_fn, tx),
                     in_shardings=(state_shardings, batch_shard, sharding.replicated(mesh)),
                     out_shardings=(state_shardings, sharding.replicated(mesh)),
                     donate_argnums=(0,))
-  is_lead = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_lead,
-                                                asynchronous=True)
   progress = [periodic_actions.ReportProgress(num_train_steps=cfg.steps, writer=writer,
                                            every_steps=cfg.log_every)] if is_lead else []
   eval_metrics: Dict[str, float] = {}
@@ -247,50 +388,44 @@ def train(config, workdir: str, task: Task, hooks=()) -> Dict[str, Any]:
     writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
     return eval_metrics
 
-  step = start
-  try:
-    with mesh:
-      while step < cfg.steps:
-        batch = next(task.train_iter)
-        try:
-          pipeline.check_batch_finite(batch, task.batch_ids(batch) if task.batch_ids else None)
-        except FloatingPointError as e:
-          logging.warning("step %d: %s; this update will be skipped", step, e)
-        state, metrics = step_fn(state, sharding.shard_batch(batch, mesh), step_rng)
-        step += 1
-        streak = metrics.pop("nonfinite_streak")
-        if averages is None:
-          averages = _Averages(sorted(metrics))
-        averages.update(metrics)
-        if pending_streak is not None and int(pending_streak) >= cfg.max_nonfinite:
-          ckpt.save(step, state, task.train_iter, force=True)
-          raise NonFiniteError(
-              f"{int(pending_streak)} consecutive updates had a non-finite loss or gradient "
-              f"(last at step {step - 1}); parameters are those of the last finite update and "
-              f"were saved at step {step} in {ckpt.manager.directory}. Check the data (the "
-              f"warnings above name the examples) or lower the learning rate.")
-        pending_streak = streak
-        for report in progress:
-          report(step)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-          train_metrics = {f"train/{k}": v for k, v in averages.compute().items()}
-          writer.write_scalars(step, train_metrics)
-        fresh = None
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-          fresh = run_eval(step)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-          ckpt.save(step, state, task.train_iter, metrics=fresh)
-        for hook in hooks:
-          hook(step)
+  step = int(state.step)
+  with mesh:
+    while step < cfg.steps:
+      batch = next(task.train_iter)
+      try:
+        pipeline.check_batch_finite(batch, task.batch_ids(batch) if task.batch_ids else None)
+      except FloatingPointError as e:
+        logging.warning("step %d: %s; this update will be skipped", step, e)
+      state, metrics = step_fn(state, sharding.shard_batch(batch, mesh), step_rng)
+      step += 1
+      streak = metrics.pop("nonfinite_streak")
+      if averages is None:
+        averages = _Averages(sorted(metrics))
+      averages.update(metrics)
+      if pending_streak is not None and int(pending_streak) >= cfg.max_nonfinite:
+        ckpt.save(step, state, task.train_iter, force=True)
+        raise NonFiniteError(
+            f"{int(pending_streak)} consecutive updates had a non-finite loss or gradient "
+            f"(last at step {step - 1}); parameters are those of the last finite update and "
+            f"were saved at step {step} in {ckpt.directory}. Check the data (the warnings "
+            f"above name the examples) or lower the learning rate.")
+      pending_streak = streak
+      for report in progress:
+        report(step)
+      if step % cfg.log_every == 0 or step == cfg.steps:
+        train_metrics = {f"train/{k}": v for k, v in averages.compute().items()}
+        writer.write_scalars(step, train_metrics)
+      fresh = None
+      if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+        fresh = run_eval(step)
+      if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        ckpt.save(step, state, task.train_iter, metrics=fresh)
+      for hook in hooks:
+        hook(step)
     if int(state.nonfinite_streak) >= cfg.max_nonfinite:
       raise NonFiniteError(f"the last {int(state.nonfinite_streak)} updates were non-finite")
-  finally:
-    ckpt.close()
-    writer.flush()
-  if not eval_metrics and task.evaluate is not None:
-    run_eval(step)
+    if not eval_metrics and task.evaluate is not None:
+      run_eval(step)
   metrics = dict(train_metrics, **eval_metrics)
   metrics["train/skipped_total"] = float(state.nonfinite_total)
-  if ckpt.best_metric and ckpt.manager.best_step() is not None:
-    metrics["checkpoint/best_step"] = float(ckpt.manager.best_step())
   return {"step": step, "metrics": metrics, "state": state}
