@@ -94,7 +94,7 @@ class CrossAttention(nn.Module):
   Whisper attends to the whole padded window, as it was trained).
 
   With `encoder_tokens` the keys/values are projected on the spot; without, they are read from
-  the `cross_cache` collection (`k`, `v [B, S, H, hd]`) that `prefill` wrote. HF's layout:
+  the `cross_cache` collection (`k`, `v [B, H, S, hd]`) that `prefill` wrote. HF's layout:
   q/v/out biases, no k bias, logits scaled by `head_dim ** -0.5`.
   """
   num_heads: int
@@ -117,10 +117,12 @@ class CrossAttention(nn.Module):
     self.out = dense_(self.features, True, ("heads", "embed"))
 
   def kv(self, encoder_tokens: Array) -> Tuple[Array, Array]:
-    """`[B, S, D]` -> keys, values `[B, S, H, hd]`."""
+    """`[B, S, D]` -> keys, values `[B, H, S, hd]`, head-major so that each decoding step
+    reads them without a transpose (a copy of both per layer and step otherwise)."""
     b, s = encoder_tokens.shape[:2]
     shape = (b, s, self.num_heads, self.head_dim)
-    return (self.key(encoder_tokens).reshape(shape), self.value(encoder_tokens).reshape(shape))
+    return tuple(f(encoder_tokens).reshape(shape).transpose(0, 2, 1, 3)
+                 for f in (self.key, self.value))
 
   def prefill(self, encoder_tokens: Array) -> None:
     """Stores `kv(encoder_tokens)` in the `cross_cache` collection (apply with it mutable)."""
@@ -142,7 +144,9 @@ class CrossAttention(nn.Module):
     q = self.query(x).reshape(b, t, self.num_heads, self.head_dim)
     if k.shape[0] != b:
       raise ValueError(f"{b} decoder rows for encoder keys/values of batch {k.shape[0]}")
-    out = layers.dot_product_attention(q, k, v, None, scale=float(self.head_dim) ** -0.5)
+    logits = jnp.einsum("bqhd,bhsd->bhqs", q, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits * (float(self.head_dim) ** -0.5), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqs,bhsd->bqhd", weights, v)
     return self.out(out.reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -190,7 +194,7 @@ class WhisperDecoder(nn.Module):
   - `apply(params, input_ids [B, T], encoder_tokens [B, S, D])` -> float32 logits `[B, T, V]`
     (causal, no cache; optional `positions [B, T]`, default `arange(T)`).
   - `apply(params, encoder_tokens, method="prefill_cross", mutable=[CROSS_CACHE])` ->
-    `(None, {CROSS_CACHE: ...})`: every layer's cross-attention keys/values `[B, S, H, hd]`,
+    `(None, {CROSS_CACHE: ...})`: every layer's cross-attention keys/values `[B, H, S, hd]`,
     computed once per utterance.
   - `init_cache(batch, max_len)` (no params) and `apply({"params": ..., CROSS_CACHE: ...},
     input_ids, cache, positions=None, mask=None, method="decode")` -> `(logits, cache)`: the

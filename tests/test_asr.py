@@ -152,7 +152,7 @@ def test_cached_decoding_equals_full_sequence(hf_dir):
   full = module.apply(params, ids, tokens)
   _, cross = module.apply(params, tokens, method="prefill_cross", mutable=[asr.CROSS_CACHE])
   variables = {**params, **cross}
-  assert cross[asr.CROSS_CACHE]["layers_0"]["encoder_attn"]["k"].shape == (2, 50, 3, 12)
+  assert cross[asr.CROSS_CACHE]["layers_0"]["encoder_attn"]["k"].shape == (2, 3, 50, 12)
   cache = module.init_cache(2, 8)
   step = jax.jit(lambda v, x, c: module.apply(v, x, c, method="decode"))
   logits, cache = step(variables, ids[:, :3], cache)
