@@ -3,14 +3,29 @@
   python -m edgeglass_jax.main --config=configs/ablations.py:NAME --workdir=runs/abl_NAME \
       --config.features_dir=runs/quickstart/features     # reuse the quickstart's cache
 
-NAME: pairwise (no cycle loss) | cycle (pairwise + cycle, = quickstart) | hub (image-hub pairs
-only, ImageBind style) | softmax (InfoNCE instead of sigmoid) | widths (one full width, no
-Matryoshka sum) | separate_heads (one projection per width, MRL without weight tying; the
-default ties them, MRL-E, so every width is a prefix of one embedding) | perceiver32 / perceiver64 / perceiver128 (Perceiver resampler over image and
-audio tokens with K latents) | mean (masked mean of tokens + MLP).
+NAME:
+  losses:   pairwise (no cycle loss) | cycle (pairwise + cycle, = quickstart) | hub (image-hub
+            pairs only, ImageBind style) | softmax (InfoNCE instead of sigmoid)
+  widths:   widths (one full width, no Matryoshka sum) | separate_heads (one projection per
+            width; the default ties them, MRL-E, so every width is a prefix of one embedding)
+  image adapter (audio keeps the pooled Whisper feature, the masked mean of its tokens; text
+  its pooled sentence embedding):
+            pooled (DINOv2's pooled class token + MLP) | mean (masked mean of the tokens + MLP) |
+            compress (TokenCompressor 2x2 -> MLP per token -> masked mean) |
+            perceiver32 / perceiver64 / perceiver128 (Perceiver resampler with K latents)
+  baseline: random_vit (a seeded random ViT instead of DINOv2; extracts its own features, so
+            give it no features_dir)
+
+Append `@SIZE` to run at another DINOv2 input size, e.g. `perceiver32@112` (65 image tokens
+instead of 257: the Perceiver over 257 tokens is slow on 2 cores); such a run needs features
+extracted at that size (its own workdir, or a features_dir extracted at SIZE).
 """
 import importlib.util
 import os
+
+from edgeglass_jax import configs
+
+ADAPTER_KINDS = {"pooled": "mlp", "mean": "mean", "compress": "compress"}
 
 
 def _quickstart():
@@ -21,8 +36,11 @@ def _quickstart():
   return module.get_config()
 
 
-def get_config(name: str = "pairwise"):
+def get_config(arg: str = "pairwise"):
+  name, _, size = arg.partition("@")
   config = _quickstart()
+  if size:
+    config.encoders.image.image_size = int(size)
   if name == "pairwise":
     config.loss.cycle_weight = 0.0
   elif name == "cycle":
@@ -36,14 +54,14 @@ def get_config(name: str = "pairwise"):
     config.model.mrl_e = False
   elif name == "widths":
     config.model.widths = (config.model.widths[0],)
-  elif name.startswith("perceiver"):
-    latents = int(name[len("perceiver"):])
-    for m in ("image", "audio"):
-      config.model.adapters[m].kind = "perceiver"
-      config.model.adapters[m].num_latents = latents
-  elif name == "mean":
-    for m in ("image", "audio"):
-      config.model.adapters[m].kind = "mean"
+  elif name in ADAPTER_KINDS:
+    config.model.adapters.image.kind = ADAPTER_KINDS[name]
+    config.model.adapters.image.factor = 2
+  elif name.startswith("perceiver") and name[len("perceiver"):].isdigit():
+    config.model.adapters.image.kind = "perceiver"
+    config.model.adapters.image.num_latents = int(name[len("perceiver"):])
+  elif name == "random_vit":
+    config.encoders.image = configs.random_vit_encoder(config.data.synthetic.image_size)
   else:
     raise ValueError(f"unknown ablation {name!r}; see configs/ablations.py")
   return config

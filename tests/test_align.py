@@ -229,8 +229,10 @@ def test_nan_in_a_batch_is_skipped_named_and_bounded(features_dir, tmp_path, cap
 @pytest.mark.parametrize("name", ["quickstart.py", "quickstart.py:tiny", "align_full.py",
                                   "ablations.py:cycle", "ablations.py:pairwise",
                                   "ablations.py:hub", "ablations.py:softmax",
-                                  "ablations.py:widths", "ablations.py:perceiver32",
-                                  "ablations.py:perceiver128", "ablations.py:mean"])
+                                  "ablations.py:widths", "ablations.py:perceiver32@112",
+                                  "ablations.py:perceiver128", "ablations.py:mean",
+                                  "ablations.py:pooled", "ablations.py:compress",
+                                  "ablations.py:random_vit", "ablations.py:separate_heads"])
 def test_configs_load_and_build(name):
   import importlib.util
   path, _, arg = name.partition(":")
@@ -240,6 +242,28 @@ def test_configs_load_and_build(name):
   config = module.get_config(arg) if arg else module.get_config()
   assert config.task == "align"
   align.build_model(config)
+
+
+def test_ablations_change_one_thing():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("abl", os.path.join(ROOT, "configs",
+                                                                    "ablations.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  base = module._quickstart()
+  assert base.encoders.image.package == "dinov2-small" and base.encoders.image.image_size == 224
+  perceiver = module.get_config("perceiver32@112")
+  assert perceiver.encoders.image.image_size == 112
+  assert perceiver.model.adapters.image.kind == "perceiver"
+  assert perceiver.model.adapters.image.num_latents == 32
+  assert perceiver.model.adapters.audio == base.model.adapters.audio
+  assert module.get_config("mean").model.adapters.image.kind == "mean"
+  baseline = module.get_config("random_vit")
+  assert baseline.encoders.image.random and baseline.encoders.audio == base.encoders.audio
+  with pytest.raises(ValueError, match="unknown ablation 'nope'"):
+    module.get_config("nope")
+  assert align.feature_keys(base) == {m: ("pooled",) for m in ("image", "audio", "text")}
+  assert "image" not in align.feature_keys(module.get_config("mean"))
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Grain loaders over a feature cache: layout, epochs, process shards, resume, captions, eval."""
 import json
 import os
+import pickle
 
 import jax.numpy as jnp
 import numpy as np
@@ -105,6 +106,14 @@ def test_items_follow_the_cache(split_dir, source):
   assert not _memory_mapped(source._parts[0]["image/tokens"])
   only = pipeline.FeatureSource(split_dir, ("text",), keys=("pooled",))
   assert sorted(only[1]) == ["group", "index", "text/pooled", "text/valid"]
+  per_modality = pipeline.FeatureSource(split_dir, ("image", "text"), keys={"image": ("pooled",)},
+                                        seed=3, mmap=True)
+  assert sorted(per_modality[1]) == sorted(["group", "index", "image/pooled", "image/valid"] +
+                                           [k for k in source[1] if k.startswith("text/")])
+  pickled = pickle.loads(pickle.dumps(per_modality))
+  assert sorted(pickled[1]) == sorted(per_modality[1])
+  with pytest.raises(ValueError, match="unknown"):
+    pipeline.FeatureSource(split_dir, ("image",), keys={"image": ("pixels",)})
 
 
 def test_bad_arguments_are_named(split_dir, source, tmp_path):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import grain
 import numpy as np
@@ -75,7 +75,9 @@ class FeatureSource:
   """One cached split (`DIR/{split}/`) as random-access items of numpy arrays.
 
   `modalities` picks among the cached ones; `keys` the per-modality fields among `pooled`,
-  `tokens`, `token_mask` (default: those cached; `valid` always comes). An item is
+  `tokens`, `token_mask`: one list for every modality, or `{modality: fields}` for some of them
+  (default: those cached; `valid` always comes). Reading only `pooled` where a model ignores the
+  tokens keeps `[B, N, D]` token batches off the host and the device. An item is
   `{"{m}/pooled" [D], "{m}/tokens" [N, D], "{m}/token_mask" [N], "{m}/valid" (), "group" (),
   "index" ()}`, text with the caption picked for `(seed, epoch, index)`. `source[i]` with
   `i >= len(source)` reads item `i % n` as drawn in epoch `i // n` (grain's repeat convention).
@@ -86,9 +88,12 @@ class FeatureSource:
   """
 
   def __init__(self, split_dir: str, modalities: Sequence[str],
-               keys: Optional[Sequence[str]] = None, seed: int = 0, mmap: bool = False):
-    self._args = (split_dir, tuple(modalities), None if keys is None else tuple(keys), int(seed),
-                  bool(mmap))
+               keys: Union[None, Sequence[str], Mapping[str, Sequence[str]]] = None,
+               seed: int = 0, mmap: bool = False):
+    if keys is not None:
+      keys = (tuple((m, tuple(f)) for m, f in keys.items()) if isinstance(keys, Mapping)
+              else tuple(keys))
+    self._args = (split_dir, tuple(modalities), keys, int(seed), bool(mmap))
     self._open(*self._args)
 
   def _open(self, split_dir, modalities, keys, seed, mmap):
@@ -103,8 +108,15 @@ class FeatureSource:
     missing = [m for m in modalities if m not in cached]
     if missing:
       raise KeyError(f"{split_dir}: modalities {missing} are not in the cache (it has {cached})")
-    if keys is not None and set(keys) - set(FIELDS):
-      raise ValueError(f"keys {sorted(set(keys) - set(FIELDS))} unknown; use some of {FIELDS}")
+    if keys is None:
+      per_modality = {}
+    elif keys and isinstance(keys[0], tuple):  # ((modality, fields), ...)
+      per_modality = dict(keys)
+    else:
+      per_modality = {m: keys for m in modalities}
+    for fields in per_modality.values():
+      if set(fields) - set(FIELDS):
+        raise ValueError(f"keys {sorted(set(fields) - set(FIELDS))} unknown; use some of {FIELDS}")
     shard_paths = [os.path.join(split_dir, s["file"]) for s in self.index["shards"]]
     if not shard_paths:
       raise ValueError(f"{split_dir}: the cache has no shards")
@@ -112,11 +124,12 @@ class FeatureSource:
     wanted = ["group"]
     for m in modalities:
       wanted.append(f"{m}/valid")
-      for field in (FIELDS if keys is None else keys):
+      fields = per_modality.get(m)
+      for field in (FIELDS if fields is None else fields):
         name = f"{m}/{field}"
         if name in present:
           wanted.append(name)
-        elif keys is not None:
+        elif fields is not None:
           raise KeyError(f"{shard_paths[0]}: no tensor {name!r} (cached: {sorted(present)})")
     self.keys = tuple(wanted)
     if mmap:

@@ -157,7 +157,8 @@ class Evaluator:
   def __init__(self, model: Aligner, config, feature_dir: str, mesh):
     self.model, self.config, self.mesh = model, config, mesh
     mods = tuple(config.modalities)
-    self.sources = {s: pipeline.FeatureSource(os.path.join(feature_dir, s), mods)
+    self.sources = {s: pipeline.FeatureSource(os.path.join(feature_dir, s), mods,
+                                              keys=feature_keys(config))
                     for s in config.eval.splits}
     self.batch_size = config.eval.batch_size
     self.apply = jax.jit(self._embed_batch, out_shardings=sharding.replicated(mesh))
@@ -223,13 +224,20 @@ class Evaluator:
     return metrics
 
 
+def feature_keys(config) -> Dict[str, Tuple[str, ...]]:
+  """Cached fields each modality's adapter reads: `pooled` alone for "mlp" adapters, so their
+  `[B, N, D]` tokens never leave the cache; every cached field for the token adapters."""
+  return {m: ("pooled",) for m in config.modalities
+          if config.model.adapters[m].kind == "mlp"}
+
+
 def make_task(config, workdir: str, mesh) -> loop.Task:
   """The align task's model, loss, data and eval on the run's `mesh` for the shared loop
   (features extracted first)."""
   feature_dir = ensure_features(config, workdir)
   mods = tuple(config.modalities)
   train_src = pipeline.FeatureSource(os.path.join(feature_dir, config.train.split), mods,
-                                     seed=config.seed)
+                                     keys=feature_keys(config), seed=config.seed)
   model = build_model(config)
   example = train_src.get_batch(np.arange(2), 0)
   train_iter = pipeline.make_train_loader(train_src, config.train.batch_size, config.seed,
