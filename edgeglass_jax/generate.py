@@ -1,5 +1,7 @@
 """Batched sampling from a cached decoder: prefill the prompt into the KV cache, then one jitted
-`lax.while_loop` over a sampling state (gemma `gm/text/_sampler_loop.py`).
+`lax.while_loop` over a sampling state (gemma `gm/text/_sampler_loop.py`). The prefill samples
+the first token and each loop step one more, so `n` new tokens cost the prefill and `n - 1`
+single-token forward passes (none is run for logits nobody samples from).
 
 Prompts of different lengths are left-aligned to the right end of a padded block (left padding)
 and masked out; positions count real tokens only, so a padded row gives the same tokens as the
@@ -66,13 +68,16 @@ def _generate(params, ids, valid, rng, *, module, max_new_tokens: int, temperatu
                                                               jnp.int32),
                cache=cache, rng=rng)
 
+  def record(s):
+    token = jnp.where(s["done"], fill, s["next_token"])
+    done = s["done"] if eos_id is None else (s["done"] | (token == eos_id))
+    return token, s["tokens"].at[:, s["step"]].set(token), done
+
   def cond(s):
-    return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
+    return (s["step"] < max_new_tokens - 1) & ~jnp.all(s["done"])
 
   def body(s):
-    token = jnp.where(s["done"], fill, s["next_token"])
-    tokens = s["tokens"].at[:, s["step"]].set(token)
-    done = s["done"] if eos_id is None else (s["done"] | (token == eos_id))
+    token, tokens, done = record(s)
     mask = (key_valid & (slot[None, :] <= t + s["step"]))[:, None, :]
     logits, cache = module.apply(params, token[:, None], s["cache"], s["position"][:, None],
                                  mask, method="decode")
@@ -81,7 +86,9 @@ def _generate(params, ids, valid, rng, *, module, max_new_tokens: int, temperatu
                 next_token=sample_logits(logits[:, -1], step_rng, temperature, top_k, top_p),
                 position=s["position"] + 1, tokens=tokens, cache=cache, rng=rng)
 
-  return jax.lax.while_loop(cond, body, state)["tokens"]
+  if max_new_tokens == 0:
+    return state["tokens"]
+  return record(jax.lax.while_loop(cond, body, state))[1]
 
 
 def generate(module, params, input_ids, max_new_tokens: int, *, attention_mask=None,

@@ -40,6 +40,15 @@ def test_cached_greedy_equals_argmax_of_uncached_logits(model):
   assert np.asarray(out)[0].tolist() == uncached_greedy(module, params, PROMPTS[0], 8)
 
 
+def test_one_and_two_new_tokens_and_none(model):
+  """The prefill samples the first token and the loop the rest: the short ends still match."""
+  module, params = model
+  for n in (1, 2):
+    out = np.asarray(generate.generate(module, params, np.asarray([PROMPTS[2]]), n))
+    assert out[0].tolist() == uncached_greedy(module, params, PROMPTS[2], n)
+  assert generate.generate(module, params, np.asarray([PROMPTS[2]]), 0).shape == (1, 0)
+
+
 def test_ragged_batch_equals_one_by_one(model):
   module, params = model
   t = max(map(len, PROMPTS))
