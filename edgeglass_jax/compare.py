@@ -95,18 +95,19 @@ def compare_runs(runs: Mapping[str, Sequence[Metrics]], width: Optional[int] = N
   directions = [f"{a}_to_{b}" for a, b in itertools.permutations(evaluate.MODALITIES, 2)]
   short = lambda d: d.replace("image", "I").replace("audio", "A").replace("text", "T").replace(
       "_to_", "→")
-  head = (["run"] + [f"{short(d)} R@1" for d in directions] +
+  counts = {name: len(seeds) for name, seeds in runs.items()}
+  several = max(counts.values()) > 1
+  head = (["run"] + (["seeds"] if several else []) + [f"{short(d)} R@1" for d in directions] +
           ["mean R@1 " + " / ".join(f"d{w}" for w in widths), "zero-shot I / A"])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, seeds in runs.items():
     per_seed = [_cells(m, width, widths, directions) for m in seeds]
-    row = [name]
+    row = [name] + ([str(counts[name])] if several else [])
     for col in range(len(per_seed[0])):
       parts = zip(*(cells[col] for cells in per_seed))  # one tuple of seeds per sub-value
       row.append(" / ".join(_aggregate(p) for p in parts))
     lines.append("| " + " | ".join(row) + " |")
-  seeds = sorted({len(s) for s in runs.values()})
-  note = "" if seeds == [1] else f" (mean ± std over {'/'.join(map(str, seeds))} seeds)"
+  note = " (mean ± std over the seeds of each run)" if several else ""
   return f"R@1 (%) on the {split} split at d{width}{note}:\n\n" + "\n".join(lines)
 
 

@@ -237,36 +237,3 @@ def format_table(metrics: Mapping[str, float]) -> str:
       cells.append(" ".join(("-" if v is None else f"{100 * v:.1f}").rjust(cell) for v in vals))
     lines.append(d.ljust(first) + "".join(" | " + c for c in cells))
   return "\n".join(lines)
-
-
-def _zero_shot_mean(metrics: Mapping[str, float], modality: str, width: int) -> Optional[float]:
-  vals = [v for k, v in metrics.items()
-          if k.startswith(f"zeroshot/{modality}/") and k.endswith(f"@d{width}")]
-  return float(np.mean(vals)) if vals else None
-
-
-def compare_runs(runs: Mapping[str, Mapping[str, float]], width: Optional[int] = None) -> str:
-  """Markdown table of several runs' results (name -> metrics): R@1 of the six directions at
-  `width` (default: the largest width all runs share), the Matryoshka curve (mean R@1 per
-  width) and mean zero-shot attribute accuracy; values in percent, "-" where a run lacks one."""
-  curves = {name: matryoshka_curve(m) for name, m in runs.items()}
-  if width is None:
-    shared = set.intersection(*(set(c) for c in curves.values())) if curves else set()
-    if not shared:
-      have = {n: list(c) for n, c in curves.items()}
-      raise ValueError(f"compare_runs: the runs share no width: {have}")
-    width = max(shared)
-  widths = sorted({w for c in curves.values() for w in c}, reverse=True)
-  directions = [f"{a}_to_{b}" for a, b in itertools.permutations(MODALITIES, 2)]
-  short = lambda d: d.replace("image", "I").replace("audio", "A").replace("text", "T").replace(
-      "_to_", "→")
-  pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
-  head = (["run"] + [f"{short(d)} R@1" for d in directions] +
-          ["mean R@1 " + " / ".join(f"d{w}" for w in widths), "zero-shot I / A"])
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for name, metrics in runs.items():
-    cells = [name] + [pct(metrics.get(f"{d}/R@1@d{width}")) for d in directions]
-    cells.append(" / ".join(pct(curves[name].get(w)) for w in widths))
-    cells.append(" / ".join(pct(_zero_shot_mean(metrics, m, width)) for m in ("image", "audio")))
-    lines.append("| " + " | ".join(cells) + " |")
-  return f"R@1 (%) on the test split at d{width}:\n\n" + "\n".join(lines)

@@ -30,11 +30,11 @@ def test_seeds_are_mean_and_sample_std(tmp_path, capsys):
   single = _write(tmp_path, "one", _metrics(0.7, 0.2))
   assert compare.main([f"abl={','.join(dirs)}", single]) == 0
   out = capsys.readouterr().out.splitlines()
-  assert out[0] == "R@1 (%) on the test split at d64 (mean ± std over 1/3 seeds):"
+  assert out[0] == "R@1 (%) on the test split at d64 (mean ± std over the seeds of each run):"
   std = 100 * np.std([0.4, 0.5, 0.6], ddof=1)
-  assert out[-2].startswith(f"| abl | 50.0 ± {std:.1f} | ")
+  assert out[-2].startswith(f"| abl | 3 | 50.0 ± {std:.1f} | ")
   assert f"| 50.0 ± {std:.1f} / 25.0 ± {std / 2:.1f} | 50.0 ± 0.0 / - |" in out[-2]
-  assert out[-1].startswith("| one | 70.0 | 70.0 |")
+  assert out[-1].startswith("| one | 1 | 70.0 | 70.0 |")
   assert compare.main(["--split", "val", single]) == 0
   out = capsys.readouterr().out.splitlines()
   assert out[0] == "R@1 (%) on the val split at d64:"

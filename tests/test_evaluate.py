@@ -232,18 +232,17 @@ def _run_metrics(r1, widths, zero_shot):
 
 
 def test_compare_runs_table_and_cli(tmp_path, capsys):
-  runs = {"a": _run_metrics(0.5, (64, 32), 0.25), "b": _run_metrics(0.8, (64,), 0.75)}
-  table = E.compare_runs(runs)
+  from edgeglass_jax import compare
+  runs = {"a": [_run_metrics(0.5, (64, 32), 0.25)], "b": [_run_metrics(0.8, (64,), 0.75)]}
+  table = compare.compare_runs(runs)
   lines = table.splitlines()
   assert lines[0] == "R@1 (%) on the test split at d64:"
   assert lines[-2] == "| a | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 / 25.0 | 25.0 / - |"
   assert lines[-1] == "| b | 80.0 | 80.0 | 80.0 | 80.0 | 80.0 | 80.0 | 80.0 / - | 75.0 / - |"
-  assert "| a | 25.0 |" in E.compare_runs(runs | {"b": runs["a"]}, width=32)
+  assert "| a | 25.0 |" in compare.compare_runs(runs | {"b": runs["a"]}, width=32)
   with pytest.raises(ValueError, match="share no width"):
-    E.compare_runs({"a": _run_metrics(0.5, (32,), 0), "b": _run_metrics(0.5, (64,), 0)})
-
-  from edgeglass_jax import compare
-  for name, metrics in runs.items():
+    compare.compare_runs({"a": [_run_metrics(0.5, (32,), 0)], "b": [_run_metrics(0.5, (64,), 0)]})
+  for name, (metrics,) in runs.items():
     (tmp_path / name).mkdir()
     (tmp_path / name / "results.json").write_text(json.dumps({"metrics": metrics}))
   assert compare.main([f"first={tmp_path / 'a'}", str(tmp_path / "b")]) == 0
@@ -251,3 +250,4 @@ def test_compare_runs_table_and_cli(tmp_path, capsys):
   assert "| first | 50.0 |" in out and "| b | 80.0 |" in out
   with pytest.raises(FileNotFoundError, match="nope/results.json"):
     compare.load_runs([str(tmp_path / "nope")])
+
