@@ -4,6 +4,7 @@ import importlib
 TASKS = {
     "extract": "edgeglass_jax.tasks.extract",
     "align": "edgeglass_jax.tasks.align",
+    "lm_lora": "edgeglass_jax.tasks.lm_lora",
 }
 
 

@@ -7,6 +7,15 @@ best, exact resume with the data iterator's state, fallback past a damaged lates
 clu metrics and writers, progress and periodic eval, and a guard that skips non-finite updates
 and stops after `max_nonfinite` in a row.
 
+A task may bring frozen parameters (`Task.frozen`: encoders, the LM under LoRA, a teacher). They
+are read once per run, placed on the mesh in the shardings of their logical axes, and passed to
+the jitted step as arguments (never constants captured in a closure); the step differentiates
+only the trainable subtree, so gradient norms, clipping and the non-finite guard see trainable
+parameters only. Checkpoints hold the trainable state, the optimizer and the data iterator; the
+frozen parameters are not saved again: `{workdir}/frozen_params.json` records where they came
+from and a fingerprint of their values, and resuming with other frozen weights raises
+`FrozenParamsMismatchError`.
+
 A workdir belongs to one run: before anything is created, the stored tree metadata of the
 checkpoint to resume is compared with this run's abstract state, and a checkpoint of another
 model raises `CheckpointMismatchError` naming the first parameter that differs. Every path out of
@@ -17,10 +26,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import re
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import flax
 import jax
@@ -46,6 +57,15 @@ class CheckpointMismatchError(ValueError):
   """
 
 
+class FrozenParamsMismatchError(CheckpointMismatchError):
+  """The workdir was trained on other frozen parameters than this run loaded (another file,
+  seed or model): their fingerprints in `frozen_params.json` differ. Raised before anything is
+  written."""
+
+
+FROZEN_RECORD = "frozen_params.json"
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -55,20 +75,89 @@ class TrainState:
   nonfinite_total: jax.Array
 
 
+Evaluator = Callable[..., Dict[str, float]]
+
+
 @dataclasses.dataclass
 class Task:
   """What a task gives the loop.
 
-  init_params(rng) -> params with logical axis boxes (`nn.with_logical_partitioning`);
-  loss_fn(params, batch, rng) -> (scalar loss, {name: scalar}); evaluate(params, step) -> flat
-  metrics (host side; may be None); train_iter: a checkpointable grain iterator of host batches
-  (this process's rows); batch_ids(batch) -> example ids for error messages.
+  init_params(rng) -> trainable params with logical axis boxes (`nn.with_logical_partitioning`).
+  train_iter: a checkpointable grain iterator of host batches (this process's rows).
+  batch_ids(batch) -> example ids for error messages.
+
+  frozen: None, or the frozen parameters: a pytree, or a loader `() -> pytree` the loop calls
+  once per run. Leaves boxed with logical axes (`nn.Partitioned`, e.g. `with_logical_axes`) are
+  sharded by those axes, plain leaves replicated. frozen_source: where they come from (a path,
+  a package, "random seed 0"), recorded with their fingerprint in the workdir.
+
+  loss_fn -> (scalar loss, {name: scalar}) is `loss_fn(params, batch, rng)` without frozen
+  parameters and `loss_fn(trainable, frozen, batch, rng)` with them.
+
+  evaluate: None, one evaluator, a list of them (their metrics merged; a name two evaluators
+  return is an error) or a dict `{prefix: evaluator}` (metrics named "prefix/name"). An
+  evaluator is `fn(params, step)` without frozen parameters and `fn(trainable, frozen, step)`
+  with them (the placed, sharded arrays), and returns flat host-side metrics.
   """
   init_params: Callable[[jax.Array], Any]
-  loss_fn: Callable[[Any, Dict[str, jax.Array], jax.Array], Any]
+  loss_fn: Callable[..., Any]
   train_iter: Iterator[Dict[str, np.ndarray]]
-  evaluate: Optional[Callable[[Any, int], Dict[str, float]]] = None
+  evaluate: Union[None, Evaluator, Sequence[Evaluator], Mapping[str, Evaluator]] = None
   batch_ids: Optional[Callable[[Dict[str, np.ndarray]], Any]] = None
+  frozen: Any = None
+  frozen_source: str = ""
+
+
+def merge_evaluators(evaluate) -> Optional[Evaluator]:
+  """One evaluator from `Task.evaluate`'s forms: a list's metrics are merged (a metric name two
+  evaluators return raises ValueError naming both), a dict's are prefixed by their key."""
+  if evaluate is None or callable(evaluate):
+    return evaluate
+  if isinstance(evaluate, Mapping):
+    named = [(str(k), fn, f"{k}/") for k, fn in evaluate.items()]
+  else:
+    named = [(f"evaluator {i} ({getattr(fn, '__name__', type(fn).__name__)})", fn, "")
+             for i, fn in enumerate(evaluate)]
+  for name, fn, _ in named:
+    if not callable(fn):
+      raise TypeError(f"Task.evaluate: {name} is not callable: {fn!r}")
+
+  def merged(*args):
+    out, owner = {}, {}
+    for name, fn, prefix in named:
+      for k, v in fn(*args).items():
+        key = prefix + k
+        if key in out:
+          raise ValueError(f"eval metric {key!r} is returned by both {owner[key]} and {name}; "
+                           "rename one or give the evaluators as a dict (prefixed names)")
+        out[key], owner[key] = v, name
+    return out
+
+  return merged
+
+
+def with_logical_axes(template: Any, values: Any) -> Any:
+  """`values` (a plain tree, e.g. loaded weights) boxed like `template` (a boxed abstract tree
+  of the same structure, e.g. `jax.eval_shape(model.init, ...)`), so the loop shards each
+  array by its logical axes. Shapes must agree; the error names the first path that differs."""
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  flat_t = jax.tree_util.tree_flatten_with_path(template, is_leaf=is_box)[0]
+  flat_v, treedef = jax.tree_util.tree_flatten_with_path(values)
+  if len(flat_t) != len(flat_v):
+    raise ValueError(f"with_logical_axes: the template has {len(flat_t)} arrays, the values "
+                     f"{len(flat_v)}")
+  out = []
+  for (pt, t), (pv, v) in zip(flat_t, flat_v):
+    name = jax.tree_util.keystr(pv)
+    if jax.tree_util.keystr(pt) != name:
+      raise ValueError(f"with_logical_axes: template path {jax.tree_util.keystr(pt)} meets "
+                       f"value path {name}")
+    shape = tuple(nn.meta.unbox(t).shape)
+    if shape != tuple(np.shape(v)):
+      raise ValueError(f"with_logical_axes: {name} has shape {tuple(np.shape(v))}, the template "
+                       f"{shape}")
+    out.append(t.replace_boxed(v) if is_box(t) else v)
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def _path_name(path) -> str:
@@ -102,12 +191,15 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def make_train_step(loss_fn, tx):
-  """state, batch, rng -> (state, metrics); a non-finite loss or gradient leaves state as it was."""
+def make_train_step(loss_fn, tx, with_frozen: bool = False):
+  """state, batch, rng -> (state, metrics); a non-finite loss or gradient leaves state as it was.
 
-  def step(state: TrainState, batch, rng):
-    rng = jax.random.fold_in(rng, state.step)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+  With `with_frozen`: state, frozen, batch, rng -> (state, metrics) for
+  `loss_fn(trainable, frozen, batch, rng)`; only `state.params` (the trainable tree) is
+  differentiated, clipped, checked for non-finite values and updated.
+  """
+
+  def update(state, loss, aux, grads):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & _all_finite(grads)
@@ -123,7 +215,116 @@ def make_train_step(loss_fn, tx):
                    nonfinite_streak=state.nonfinite_streak)
     return state, metrics
 
-  return step
+  def step_frozen(state: TrainState, frozen, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch,
+                                                                   rng)
+    return update(state, loss, aux, grads)
+
+  def step(state: TrainState, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    return update(state, loss, aux, grads)
+
+  return step_frozen if with_frozen else step
+
+
+def jit_train_step(task: Task, tx, mesh, state_shardings, frozen_shardings=None):
+  """The run's one jitted step with explicit in/out shardings and donated state:
+  `(state, batch, rng)`, or `(state, frozen, batch, rng)` when the task has frozen parameters
+  (`frozen_shardings` given), which then enter the computation as arguments."""
+  batch_shard, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  if task.frozen is None:
+    return jax.jit(make_train_step(task.loss_fn, tx),
+                   in_shardings=(state_shardings, batch_shard, repl),
+                   out_shardings=(state_shardings, repl), donate_argnums=(0,))
+  if frozen_shardings is None:
+    raise ValueError("the task has frozen parameters: jit_train_step needs their shardings")
+  return jax.jit(make_train_step(task.loss_fn, tx, with_frozen=True),
+                 in_shardings=(state_shardings, frozen_shardings, batch_shard, repl),
+                 out_shardings=(state_shardings, repl), donate_argnums=(0,))
+
+
+def load_frozen(task: Task) -> Any:
+  """The task's frozen tree (its loader called once), leaves possibly boxed; None without."""
+  if task.frozen is None:
+    return None
+  tree = task.frozen() if callable(task.frozen) else task.frozen
+  if not jax.tree.leaves(tree):
+    raise ValueError(f"Task.frozen ({task.frozen_source or 'no source given'}) holds no arrays")
+  return tree
+
+
+def frozen_record(tree: Any, source: str) -> Dict[str, Any]:
+  """`{"source", "fingerprint", "arrays", "params"}` of a frozen tree.
+
+  The fingerprint hashes every array's path, shape and dtype, 4096 evenly strided values and its
+  float64 sum: one pass over the weights, no copy, and any other file, seed or model changes it.
+  """
+  digest = hashlib.sha256()
+  count = 0
+  leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(tree))
+  for path, leaf in leaves:
+    x = np.asarray(leaf)
+    flat = x.reshape(-1)
+    digest.update(f"{jax.tree_util.keystr(path)}|{x.shape}|{x.dtype}|".encode())
+    digest.update(np.ascontiguousarray(flat[::max(1, flat.size // 4096)]).tobytes())
+    digest.update(np.float64(np.sum(flat, dtype=np.float64)).tobytes())
+    count += flat.size
+  return {"source": str(source), "fingerprint": digest.hexdigest(), "arrays": len(leaves),
+          "params": int(count)}
+
+
+def check_frozen_record(workdir: str, record: Optional[Dict[str, Any]]):
+  """Raises FrozenParamsMismatchError when `{workdir}/frozen_params.json` describes other frozen
+  parameters than `record` (None: this run has none). Writes nothing."""
+  path = os.path.join(workdir, FROZEN_RECORD)
+  if not os.path.isfile(path):
+    return
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+    stored_fp = stored["fingerprint"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise FrozenParamsMismatchError(f"{path} is unreadable ({type(e).__name__}: {e}); this "
+                                    "workdir's frozen parameters cannot be checked") from e
+  if record is None:
+    raise FrozenParamsMismatchError(
+        f"{path}: this workdir was trained with frozen parameters from "
+        f"{stored.get('source')!r}, this run has none. Nothing was written; use another "
+        "--workdir.")
+  if stored_fp != record["fingerprint"]:
+    raise FrozenParamsMismatchError(
+        f"{path}: this workdir was trained with frozen parameters from {stored.get('source')!r} "
+        f"(fingerprint {stored_fp[:16]}, {stored.get('params')} values), this run loaded "
+        f"{record['source']!r} (fingerprint {record['fingerprint'][:16]}, {record['params']} "
+        "values). Nothing was written; rerun with the frozen weights it was trained on, or use "
+        "another --workdir.")
+  if stored.get("source") != record["source"]:
+    logging.info("frozen parameters now come from %s (recorded: %s); same fingerprint",
+                 record["source"], stored.get("source"))
+
+
+def write_frozen_record(workdir: str, record: Dict[str, Any]):
+  """Writes `{workdir}/frozen_params.json` once (atomically); an existing record is kept."""
+  path = os.path.join(workdir, FROZEN_RECORD)
+  if os.path.exists(path) or jax.process_index() != 0:
+    return
+  with open(path + ".tmp", "w") as f:
+    json.dump(record, f, indent=1, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def place_frozen(tree: Any, mesh, rules=None) -> Tuple[Any, Any]:
+  """(arrays, shardings): the frozen tree on `mesh`, each array in the sharding of its logical
+  axes (plain leaves replicated). Every process holds the whole host tree; each device receives
+  only its shard (`make_array_from_callback`), so this also works on a multi-host mesh."""
+  shardings = sharding.tree_shardings(tree, mesh, rules)
+  host = jax.tree.map(np.asarray, nn.meta.unbox(tree))
+  arrays = jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+      host, shardings)
+  return arrays, shardings
 
 
 class Checkpointer:
@@ -332,21 +533,31 @@ def run(config, workdir: str, make_task: Callable[..., Task], hooks=()) -> Dict[
 
 
 def train(config, workdir: str, task: Task, mesh, hooks=()) -> Dict[str, Any]:
-  """Runs (or resumes) training on `mesh`; returns `{"step": N, "metrics": {...}, "state": ...}`.
+  """Runs (or resumes) training on `mesh`; returns `{"step": N, "metrics": {...}, "state": ...}`
+  (plus `"frozen"`, the placed frozen arrays, when the task has them).
 
-  The checkpoint to resume is checked against this run's state before anything is written
-  (`CheckpointMismatchError`). `hooks` are called with the step number after each step (and
-  its checkpoint, if any).
+  The checkpoint to resume is checked against this run's state, and the workdir's frozen-params
+  record against the loaded frozen parameters, before anything is written
+  (`CheckpointMismatchError`, `FrozenParamsMismatchError`). `hooks` are called with the step
+  number after each step (and its checkpoint, if any).
   """
   cfg = config.train
   rules = sharding.logical_rules([tuple(r) for r in config.get("axis_rules", ())])
   tx = make_optimizer(cfg)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   abstract, state_shardings = abstract_state(task, tx, mesh, init_rng, rules)
+  host_frozen = load_frozen(task)
+  record = None if host_frozen is None else frozen_record(host_frozen, task.frozen_source)
+  check_frozen_record(workdir, record)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg)
   writer = None
   try:
     state = ckpt.restore(abstract, task.train_iter)
+    frozen = frozen_shardings = None
+    if host_frozen is not None:
+      write_frozen_record(workdir, record)
+      frozen, frozen_shardings = place_frozen(host_frozen, mesh, rules)
+      del host_frozen
     if state is None:
       state, _ = init_state(task, tx, mesh, init_rng, rules)
     else:
@@ -354,8 +565,8 @@ def train(config, workdir: str, task: Task, mesh, hooks=()) -> Dict[str, Any]:
     is_lead = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_lead,
                                                   asynchronous=True)
-    result = _train_steps(cfg, task, tx, mesh, state, state_shardings, step_rng, ckpt, writer,
-                          hooks, is_lead)
+    result = _train_steps(cfg, task, tx, mesh, state, state_shardings, frozen, frozen_shardings,
+                          step_rng, ckpt, writer, hooks, is_lead)
     if ckpt.best_metric and ckpt.manager.best_step() is not None:
       result["metrics"]["checkpoint/best_step"] = float(ckpt.manager.best_step())
     return result
@@ -365,14 +576,12 @@ def train(config, workdir: str, task: Task, mesh, hooks=()) -> Dict[str, Any]:
       writer.close()
 
 
-def _train_steps(cfg, task: Task, tx, mesh, state, state_shardings, step_rng, ckpt, writer,
-                 hooks, is_lead) -> Dict[str, Any]:
+def _train_steps(cfg, task: Task, tx, mesh, state, state_shardings, frozen, frozen_shardings,
+                 step_rng, ckpt, writer, hooks, is_lead) -> Dict[str, Any]:
   """The step/log/eval/checkpoint loop of `train` from `state.step` to `cfg.steps`."""
-  batch_shard = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(make_train_step(task.loss_fn, tx),
-                    in_shardings=(state_shardings, batch_shard, sharding.replicated(mesh)),
-                    out_shardings=(state_shardings, sharding.replicated(mesh)),
-                    donate_argnums=(0,))
+  step_fn = jit_train_step(task, tx, mesh, state_shardings, frozen_shardings)
+  frozen_args = () if task.frozen is None else (frozen,)
+  evaluate = merge_evaluators(task.evaluate)
   progress = [periodic_actions.ReportProgress(num_train_steps=cfg.steps, writer=writer,
                                            every_steps=cfg.log_every)] if is_lead else []
   eval_metrics: Dict[str, float] = {}
@@ -382,10 +591,11 @@ def _train_steps(cfg, task: Task, tx, mesh, state, state_shardings, step_rng, ck
 
   def run_eval(step):
     nonlocal eval_metrics
-    if task.evaluate is None:
+    if evaluate is None:
       return None
-    eval_metrics = {k: float(v) for k, v in task.evaluate(state.params, step).items()}
-    writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+    eval_metrics = {k: float(v) for k, v in evaluate(state.params, *frozen_args, step).items()}
+    writer.write_scalars(step, {k if k.startswith("eval/") else f"eval/{k}": v
+                                for k, v in eval_metrics.items()})
     return eval_metrics
 
   step = int(state.step)
@@ -396,7 +606,7 @@ def _train_steps(cfg, task: Task, tx, mesh, state, state_shardings, step_rng, ck
         pipeline.check_batch_finite(batch, task.batch_ids(batch) if task.batch_ids else None)
       except FloatingPointError as e:
         logging.warning("step %d: %s; this update will be skipped", step, e)
-      state, metrics = step_fn(state, sharding.shard_batch(batch, mesh), step_rng)
+      state, metrics = step_fn(state, *frozen_args, sharding.shard_batch(batch, mesh), step_rng)
       step += 1
       streak = metrics.pop("nonfinite_streak")
       if averages is None:
@@ -424,8 +634,11 @@ def _train_steps(cfg, task: Task, tx, mesh, state, state_shardings, step_rng, ck
         hook(step)
     if int(state.nonfinite_streak) >= cfg.max_nonfinite:
       raise NonFiniteError(f"the last {int(state.nonfinite_streak)} updates were non-finite")
-    if not eval_metrics and task.evaluate is not None:
+    if not eval_metrics and evaluate is not None:
       run_eval(step)
   metrics = dict(train_metrics, **eval_metrics)
   metrics["train/skipped_total"] = float(state.nonfinite_total)
-  return {"step": step, "metrics": metrics, "state": state}
+  result = {"step": step, "metrics": metrics, "state": state}
+  if task.frozen is not None:
+    result["frozen"] = frozen
+  return result
