@@ -39,7 +39,6 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -79,6 +78,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from common import cpu_model, load, time_alternating  # noqa: E402  (benchmarks/)
 
 from edgeglass_jax import encoders, layers  # noqa: E402
 
@@ -129,39 +129,6 @@ SENTENCES = [
 
 # --------------------------------------------------------------------------------------------
 # Timing and reporting.
-
-
-def shell(cmd: str) -> str:
-  try:
-    return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=10).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    return "?"
-
-
-def cpu_model() -> str:
-  for line in shell("lscpu").splitlines():
-    if line.startswith("Model name:"):
-      return line.split(":", 1)[1].strip()
-  return platform.processor() or "?"
-
-
-def load() -> str:
-  try:
-    return "load avg %.2f %.2f %.2f" % os.getloadavg()
-  except OSError:
-    return "load avg ?"
-
-
-def time_alternating(runners: dict, reps: int) -> dict:
-  """Calls every runner once per repetition, flipping the order each time; name -> seconds."""
-  names = list(runners)
-  times = {n: [] for n in names}
-  for r in range(reps):
-    for n in (names if r % 2 == 0 else names[::-1]):
-      t = time.perf_counter()
-      runners[n]()
-      times[n].append(time.perf_counter() - t)
-  return times
 
 
 def max_rel_err(a, b) -> float:
