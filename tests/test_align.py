@@ -14,8 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from edgeglass_jax import sharding
 from edgeglass_jax.tasks import align, extract, loop
-from tiny import ROOT, run_main, tiny_align_config, tiny_tokenizer_dir
-
+from tiny import ROOT, run_main, snapshot, tiny_align_config, tiny_tokenizer_dir
 
 
 @pytest.fixture(scope="module")
@@ -132,18 +131,6 @@ def test_truncated_latest_checkpoint_falls_back_with_warning(features_dir, refer
   assert "Event loop is closed" not in err and "Exception ignored" not in err, err[-3000:]
   assert resumed["step"] == 6
   assert_params_close(resumed["state"], reference[0]["state"], rtol=0, atol=0)
-
-
-def snapshot(root):
-  """`{relative path: bytes}` of every file under `root` (`None` for directories)."""
-  out = {}
-  for dirpath, dirnames, filenames in os.walk(root):
-    for d in dirnames:
-      out[os.path.relpath(os.path.join(dirpath, d), root)] = None
-    for f in filenames:
-      with open(os.path.join(dirpath, f), "rb") as fh:
-        out[os.path.relpath(os.path.join(dirpath, f), root)] = fh.read()
-  return out
 
 
 @pytest.mark.parametrize("change, message", [

@@ -16,7 +16,7 @@ from flax import linen as nn
 
 from edgeglass_jax import main, sharding
 from edgeglass_jax.tasks import lm_lora, loop
-from tiny import ROOT
+from tiny import ROOT, snapshot
 
 STEPS = 12
 
@@ -191,17 +191,6 @@ def test_several_evaluators_merge_and_collisions_are_named():
     loop.merge_evaluators([a, a])(None, None, 3)
   with pytest.raises(TypeError, match="Task.evaluate: gen is not callable"):
     loop.merge_evaluators({"gen": 3})
-
-
-def snapshot(root):
-  out = {}
-  for dirpath, dirnames, filenames in os.walk(root):
-    for d in dirnames:
-      out[os.path.relpath(os.path.join(dirpath, d), root)] = None
-    for f in filenames:
-      with open(os.path.join(dirpath, f), "rb") as fh:
-        out[os.path.relpath(os.path.join(dirpath, f), root)] = fh.read()
-  return out
 
 
 def test_other_frozen_weights_on_resume_are_a_named_error(reference, tmp_path):

@@ -22,6 +22,19 @@ def run_main(*args, timeout=900, xla_flags=""):
   return subprocess.run([sys.executable, "-m", "edgeglass_jax.main", *args], cwd=ROOT,
                         env=user_env(xla_flags), capture_output=True, text=True, timeout=timeout)
 
+
+def snapshot(root):
+  """`{relative path: bytes}` of every file under `root` (`None` for directories): a workdir
+  before and after a refused run must compare equal."""
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(root):
+    for d in dirnames:
+      out[os.path.relpath(os.path.join(dirpath, d), root)] = None
+    for f in filenames:
+      with open(os.path.join(dirpath, f), "rb") as fh:
+        out[os.path.relpath(os.path.join(dirpath, f), root)] = fh.read()
+  return out
+
 WORDS = ("a the small large tiny big red green blue yellow purple orange black white circle "
          "square triangle star cross ring on at left right center middle of shape there is "
          "side in").split()
