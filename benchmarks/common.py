@@ -38,3 +38,13 @@ def time_alternating(runners: dict, reps: int) -> dict:
       runners[n]()
       times[n].append(time.perf_counter() - t)
   return times
+
+
+def offline_cpu_env(xla_flags: str):
+  """The environment every benchmark runs in; call before importing jax (XLA reads its flags
+  once): `xla_flags` replaces the caller's XLA_FLAGS, CPU only, no hub access."""
+  os.environ["XLA_FLAGS"] = xla_flags
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

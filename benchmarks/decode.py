@@ -47,6 +47,8 @@ import time
 BENCHMARK_NAMES = ("lm", "asr")
 LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
 
+import common  # noqa: E402  (benchmarks/common.py: no jax import)
+
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -78,17 +80,13 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args()
-os.environ["XLA_FLAGS"] = ARGS.xla_flags
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+common.offline_cpu_env(ARGS.xla_flags)
 
 import jax  # noqa: E402  (XLA_FLAGS must be set first)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from common import cpu_model, load, time_alternating  # noqa: E402  (benchmarks/)
+from common import cpu_model, load, time_alternating  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
