@@ -197,8 +197,9 @@ class WhisperDecoder(nn.Module):
     `(None, {CROSS_CACHE: ...})`: every layer's cross-attention keys/values `[B, H, S, hd]`,
     computed once per utterance.
   - `init_cache(batch, max_len)` (no params) and `apply({"params": ..., CROSS_CACHE: ...},
-    input_ids, cache, positions=None, mask=None, method="decode")` -> `(logits, cache)`: the
-    LM's signatures (`decoder.Decoder`), so `generate.generate` runs the loop.
+    input_ids, cache, positions=None, mask=None, method="decode", last_only=False)` ->
+    `(logits, cache)`: the LM's signatures (`decoder.Decoder`), so `generate.generate` runs
+    the loop.
 
   `suppress_tokens` get -inf logits everywhere, `begin_suppress_tokens` at the query position
   `begin_index - 1` (the logits of the first generated token), as HF's `generate` does with a
@@ -269,10 +270,10 @@ class WhisperDecoder(nn.Module):
     return self._logits(x, positions)
 
   def decode(self, input_ids: Array, cache: Cache, positions: Optional[Array] = None,
-             mask: Optional[Array] = None) -> Tuple[Array, Cache]:
+             mask: Optional[Array] = None, *, last_only: bool = False) -> Tuple[Array, Cache]:
     b, t = input_ids.shape
     first = cache["layers_0"]
-    start, slots = first["end_index"], first["k"].shape[1]
+    start, slots = first["end_index"], first["k"].shape[2]
     if positions is None:
       positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     if mask is None:
@@ -283,6 +284,8 @@ class WhisperDecoder(nn.Module):
     for i, block in enumerate(self.layers):
       name = f"layers_{i}"
       new_cache[name], x = block(x, positions, cache[name], mask)
+    if last_only:
+      x, positions = x[:, -1:], positions[:, -1:]
     return self._logits(x, positions), new_cache
 
 

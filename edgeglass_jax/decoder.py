@@ -258,9 +258,12 @@ class Decoder(nn.Module):
     `positions [B, T]`, `mask [B, T, T]` (e.g. `make_prefix_lm_mask`) and `inputs_embeds
     [B, T, D]` in place of `input_ids` (already scaled: see `embed`).
   - `apply(params, input_ids, cache, positions=None, mask=None, method="decode")` ->
-    `(logits [B, T, V], cache)`: writes the T tokens into `cache` (`init_cache`) at its
-    `end_index` and attends over its S slots; `mask [B, T, S]` defaults to causal over the
-    slots, `positions` to `end_index + arange(T)`.
+    `(logits [B, T, V], cache)`: writes the T tokens into `cache` (`init_cache`, keys/values
+    head-major `[B, K, S, hd]`) at its `end_index` and attends over its S slots; `mask
+    [B, T, S]` defaults to causal over the slots, `positions` to `end_index + arange(T)`.
+    `last_only=True` gives the logits of the last position only, `[B, 1, V]`: a prefill that
+    samples one token skips the vocabulary projection of the other T - 1 (for SmolLM2 a fifth
+    of the prefill's FLOPs).
   - `apply(params, input_ids, method="embed")` -> `[B, T, D]` input embeddings.
   """
   config: DecoderConfig
@@ -321,12 +324,12 @@ class Decoder(nn.Module):
     return self._logits(x)
 
   def decode(self, input_ids: Optional[Array], cache: Cache, positions: Optional[Array] = None,
-             mask: Optional[Array] = None, *,
-             inputs_embeds: Optional[Array] = None) -> Tuple[Array, Cache]:
+             mask: Optional[Array] = None, *, inputs_embeds: Optional[Array] = None,
+             last_only: bool = False) -> Tuple[Array, Cache]:
     x = self._inputs(input_ids, inputs_embeds)
     b, t = x.shape[:2]
     first = cache["layers_0"]
-    start, slots = first["end_index"], first["k"].shape[1]
+    start, slots = first["end_index"], first["k"].shape[2]
     if positions is None:
       positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     if mask is None:
@@ -336,7 +339,7 @@ class Decoder(nn.Module):
     for i, block in enumerate(self.layers):
       name = f"layers_{i}"
       new_cache[name], x = block(x, positions, cache[name], mask)
-    return self._logits(x), new_cache
+    return self._logits(x[:, -1:] if last_only else x), new_cache
 
 
 def hf_rules(config: DecoderConfig) -> list:

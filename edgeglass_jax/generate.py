@@ -1,7 +1,9 @@
 """Batched sampling from a cached decoder: prefill the prompt into the KV cache, then one jitted
 `lax.while_loop` over a sampling state (gemma `gm/text/_sampler_loop.py`). The prefill samples
 the first token and each loop step one more, so `n` new tokens cost the prefill and `n - 1`
-single-token forward passes (none is run for logits nobody samples from).
+single-token forward passes (none is run for logits nobody samples from, and the prefill
+projects only its last position onto the vocabulary). The module's `decode(ids, cache,
+positions, mask, last_only=...)` is `decoder.Decoder.decode`'s (Whisper's decoder has it too).
 
 Prompts of different lengths are left-aligned to the right end of a padded block (left padding)
 and masked out; positions count real tokens only, so a padded row gives the same tokens as the
@@ -60,7 +62,8 @@ def _generate(params, ids, valid, rng, *, module, max_new_tokens: int, temperatu
   slot = jnp.arange(slots)
   prefill_mask = (slot[None, None, :] <= jnp.arange(t)[None, :, None]) & key_valid[:, None, :]
   cache = module.init_cache(b, slots, cache_dtype)
-  logits, cache = module.apply(params, ids, cache, positions, prefill_mask, method="decode")
+  logits, cache = module.apply(params, ids, cache, positions, prefill_mask, method="decode",
+                               last_only=True)
   rng, first_rng = jax.random.split(rng)
   state = dict(step=jnp.int32(0), done=jnp.zeros((b,), bool),
                next_token=sample_logits(logits[:, -1], first_rng, temperature, top_k, top_p),

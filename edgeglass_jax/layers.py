@@ -399,8 +399,13 @@ class Embed(nn.Module):
 
 def init_attention_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int,
                          dtype: Dtype = jnp.float32) -> LayerCache:
-  """Empty `Attention` cache: `k`, `v [B, S, K, hd]`, `positions [B, S]`, `end_index [B]`."""
-  shape = (batch, max_len, num_kv_heads, head_dim)
+  """Empty `Attention` cache: `k`, `v [B, K, S, hd]`, `positions [B, S]`, `end_index [B]`.
+
+  Head-major, the layout the attention einsums read: a decoding step writes its `[B, K, 1, hd]`
+  keys/values in place and reads the S slots without transposing (copying) the whole cache in
+  every layer.
+  """
+  shape = (batch, num_kv_heads, max_len, head_dim)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
           "positions": jnp.zeros((batch, max_len), jnp.int32),
           "end_index": jnp.zeros((batch,), jnp.int32)}
@@ -412,7 +417,7 @@ class Attention(nn.Module):
 
   - `x [B, T, D]`, `positions [B, T]` int (RoPE and sliding-window positions of the queries).
   - `cache` None: keys are the T inputs, at the queries' positions; `mask [B, T, T]`.
-  - `cache` from `init_cache` (`k`, `v [B, S, K, hd]`, `positions [B, S]`, `end_index [B]`):
+  - `cache` from `init_cache` (`k`, `v [B, K, S, hd]`, `positions [B, S]`, `end_index [B]`):
     the T new keys/values and positions are written at slot `end_index[0]` (all rows advance
     together: ragged prompts are left-padded and masked out), queries attend to all S slots under
     `mask [B, T, S]`, and key positions are the cache's. The cache must hold the whole sequence
@@ -481,12 +486,19 @@ class Attention(nn.Module):
     key_positions = positions
     if cache is not None:
       start = cache["end_index"][0]
-      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
-      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
+      if cache["k"].shape[1] != kv:
+        raise ValueError(f"cache k must be [B, {kv}, S, {hd}] (head-major, init_cache), got "
+                         f"{cache['k'].shape}")
+      write = lambda buf, new: jax.lax.dynamic_update_slice(
+          buf, new.transpose(0, 2, 1, 3).astype(buf.dtype), (0, 0, start, 0))
+      k_cache, v_cache = write(cache["k"], k), write(cache["v"], v)
       key_positions = jax.lax.dynamic_update_slice(cache["positions"], positions, (0, start))
-      new_cache = {"k": k, "v": v, "positions": key_positions,
+      new_cache = {"k": k_cache, "v": v_cache, "positions": key_positions,
                    "end_index": cache["end_index"] + t}
-      k, v = k.astype(self.dtype), v.astype(self.dtype)
+      # dot_product_attention takes [B, S, K, hd] and goes head-major itself: XLA folds the two
+      # transposes away, so the cache is read where it lies.
+      k = k_cache.astype(self.dtype).transpose(0, 2, 1, 3)
+      v = v_cache.astype(self.dtype).transpose(0, 2, 1, 3)
 
     if self.sliding_window is not None:
       distance = positions[:, :, None] - key_positions[:, None, :]

@@ -118,6 +118,11 @@ def test_prefill_then_cached_steps_equal_the_full_sequence(loaded, saved, varian
     steps.append(logits)
   assert rel_err(np.concatenate(steps, 1), full) < 1e-5
   assert np.all(np.asarray(cache["layers_0"]["end_index"]) == T)
+  last, last_cache = module.apply(params, ids[:, :5], module.init_cache(B, 12), method="decode",
+                                 last_only=True)
+  assert last.shape == (B, 1, full.shape[-1]) and rel_err(last, steps[0][:, -1:]) < 1e-5
+  _, prefill_cache = decode(params, ids[:, :5], module.init_cache(B, 12))
+  assert rel_err(last_cache["layers_0"]["k"], prefill_cache["layers_0"]["k"]) < 1e-6
 
 
 def test_left_padded_cached_prefill_matches_the_unpadded_row(loaded, saved):

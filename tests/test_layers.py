@@ -258,6 +258,13 @@ def test_cached_attention_matches_float64_reference_and_prefill_plus_steps(varia
   np.testing.assert_allclose(np.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5)
   assert np.all(np.asarray(cache["end_index"]) == t)
   np.testing.assert_array_equal(np.asarray(cache["positions"])[:, :t], pos)
+  # head-major [B, K, S, hd]: slot j of kv-head g holds token j's (rotated) key and its value
+  assert cache["k"].shape == cache["v"].shape == (b, kv, s, hd)
+  np.testing.assert_allclose(np.asarray(cache["k"])[:, :, :t], k.transpose(0, 2, 1, 3),
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(cache["v"])[:, :, :t], v.transpose(0, 2, 1, 3),
+                             rtol=1e-4, atol=1e-5)
+  assert not np.asarray(cache["k"])[:, :, t:].any()
 
 
 def test_cached_attention_rejects_a_mask_of_the_wrong_width():
