@@ -38,7 +38,7 @@ TFLite export (`export.py`).
 Post-training quantization (`ptq`) is the same CONVERT on a float-trained model without QAT.
 
 Backends: `Quant` delegates to a `Backend` (registered in `BACKENDS` by name); adding Qwix means
-one more class here implementing the same five methods, nothing elsewhere.
+one more class here with the same members (`Backend`), nothing elsewhere.
 """
 from __future__ import annotations
 
