@@ -12,8 +12,9 @@ ARG is "STAGE[,OPTION...]": STAGE one of caption | qa | dpo; options:
   perceiverK      Perceiver bridge with K latents for images (default 32);
   compress        TokenCompressor bridge (3x3 groups of DINOv2's 16x16 patches at 224 px);
   mlp             per-token MLP bridge (every patch token becomes a soft token);
-  scratch         a 6-layer, width-512 Llama (RoPE, RMSNorm) trained from scratch with the
-                  bridge, in place of the pretrained LM + LoRA.
+  scratch         a 6-layer, width-512 Llama (RoPE, RMSNorm; the offline word tokenizer of
+                  the synthetic vocabulary) trained from scratch with the bridge, in place of
+                  the pretrained LM + LoRA (with tiny: the tiny LM, trained).
 """
 from edgeglass_jax import configs
 
@@ -79,9 +80,8 @@ def get_config(arg: str = "caption"):
   if "scratch" in options:
     config.lm.random = True
     config.lm.train_all = True
-    config.lm.tokenizer = "words" if tiny else ""
+    config.lm.tokenizer = "words"
     if not tiny:
-      config.lm.tokenizer = "words"
       config.lm.decoder.update(hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
                                num_attention_heads=8, num_key_value_heads=4, head_dim=64,
                                max_position_embeddings=256)
