@@ -553,7 +553,7 @@ class SyntheticTriModal:
     captions = self.captions(split, index)
     views = {"depth": self.render_depth(split, index)} if cfg.depth else {}
     return {
-        "id": f"synthetic-s{cfg.seed}-{split}-{index:06d}",
+        "id": self.example_id(split, index),
         "image": image,
         "audio": audio,
         "text": captions[0],
@@ -564,6 +564,10 @@ class SyntheticTriModal:
         "transcript": transcript,
         **views,
     }
+
+  def example_id(self, split: str, index: int) -> str:
+    """The id of one example, e.g. "synthetic-s0-train-000012"."""
+    return f"synthetic-s{self.config.seed}-{split}-{self._check_index(split, index):06d}"
 
   def render_depth(self, split: str, index: int) -> np.ndarray:
     """The depth view of one example, float32 `[H, W]` metres (`data/depth.py`), whether or not

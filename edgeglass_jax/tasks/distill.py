@@ -1,0 +1,561 @@
+"""Task `distill`: EdgeVL (Cai et al., ECCV 2024) on the synthetic set, a compact two-view
+student distilled from the frozen teacher of an `align` run.
+
+Teacher: the frozen image encoder's cached features (the align run's feature cache, e.g. real
+DINOv2) through that run's trained image adapter (restored from its orbax checkpoint), at one
+width `distill.width` of the shared space; its text adapter over the cached prompt features
+gives the zero-shot classes (`sources.zero_shot`: colour, shape, size, position).
+
+- Stage 0, curation (`curate`): the teacher's zero-shot confidence of every training image,
+  `c_i = prod_t max_k softmax_k(scale * cos(f_img(x_i), f_txt(prompt_t,k)))` over the label tasks
+  `distill.label_tasks` (one task: EdgeVL's confidence), keeps the top `tau` fraction,
+  pseudo-labelled by the argmax (the tasks' argmaxes combined into one id).
+- Stage 1 (`distill.stage=1`): one weight-shared student (a ViT from `encoders/vit.py` trained
+  from scratch on raw pixels, plus a projection to the shared width) sees the RGB and the depth
+  view (`data/depth.py`); both outputs are matched to the teacher's RGB embedding by L1 on
+  normalised embeddings (`losses.distillation_loss`).
+- Stage 2 (`distill.stage=2`): starts from stage 1's workdir (`distill.init_workdir`), int8
+  QAT on when `quant.mode` says so (`quant.py`), semi-hard triplets on the pseudo-labels
+  (`losses.semi_hard_triplet_loss`, both views summed) plus `distill.stage2_distill_weight`
+  times the stage-1 loss, which keeps the student in the teacher's space (the zero-shot
+  classifier is the teacher's text side).
+
+Each stage is its own run of the shared loop in its own workdir (resumable). Eval on the
+held-out split (`eval.split`): `zeroshot/{rgb|depth}/{attribute}` (and `/mean`),
+`{rgb|depth}_to_text/R@k` and `/mAP` of student embeddings against the teacher's text
+embeddings of the split's captions, the same for the teacher (`teacher/...`), and at the end
+the student's size on disk (`size/float32_MB`) and latency (`latency/b{1,32}_ms`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+from flax import linen as nn
+
+from edgeglass_jax import evaluate, layers, losses, sharding
+from edgeglass_jax.data import depth as depth_view
+from edgeglass_jax.data import pipeline, sources, synthetic
+from edgeglass_jax.encoders import vit
+from edgeglass_jax.tasks import align, loop
+
+VIEWS = ("rgb", "depth")
+# ViT-Ti/S (DeiT): width, MLP width, layers, heads.
+STUDENTS = {"ti": (192, 768, 12, 3), "s": (384, 1536, 12, 6)}
+
+
+class TeacherError(ValueError):
+  """The teacher run cannot serve as a teacher: no checkpoint, no feature cache, no text
+  modality or a width its heads do not have. The message names the workdir and what is
+  missing."""
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 0: curation.
+
+
+def zero_shot_confidence(z_image: np.ndarray, z_prompts: Sequence[np.ndarray],
+                         scale: float = 100.0) -> Tuple[np.ndarray, np.ndarray]:
+  """EdgeVL's teacher confidence and pseudo-label of every image.
+
+  `z_image [N, D]` and each task's `z_prompts[t] [C_t, D]` (L2-normalised here). For one task
+  `c_i = max_k softmax_k(scale * cos(z_i, p_k))`, label `argmax_k`; for several the product of
+  the tasks' confidences and the mixed-radix id of their argmaxes (task 0 most significant).
+  Returns `(confidence float64 [N], label int64 [N])`.
+  """
+  z = layers.l2_normalize(np.asarray(z_image, np.float64))
+  if z.ndim != 2 or not len(z_prompts):
+    raise ValueError(f"zero_shot_confidence: z_image must be [N, D] and at least one task's "
+                     f"prompts given, got {z.shape} and {len(z_prompts)} tasks")
+  confidence = np.ones(z.shape[0])
+  label = np.zeros(z.shape[0], np.int64)
+  for p in z_prompts:
+    p = layers.l2_normalize(np.asarray(p, np.float64))
+    if p.ndim != 2 or p.shape[1] != z.shape[1]:
+      raise ValueError(f"zero_shot_confidence: prompts {p.shape} do not match images {z.shape}")
+    logits = scale * z @ p.T
+    prob = np.exp(logits - logits.max(1, keepdims=True))
+    prob /= prob.sum(1, keepdims=True)
+    confidence *= prob.max(1)
+    label = label * p.shape[0] + prob.argmax(1)
+  return confidence, label
+
+
+def curate(confidence: np.ndarray, tau: float) -> np.ndarray:
+  """Indices (ascending) of the `max(1, round(tau * N))` most confident of `confidence [N]`;
+  ties go to the lower index."""
+  confidence = np.asarray(confidence)
+  if not 0.0 < tau <= 1.0:
+    raise ValueError(f"curation fraction tau must be in (0, 1], got {tau}")
+  if confidence.ndim != 1 or not confidence.size:
+    raise ValueError(f"curate: confidence must be a non-empty [N], got {confidence.shape}")
+  keep = max(1, int(round(tau * confidence.size)))
+  order = np.argsort(-confidence, kind="stable")
+  return np.sort(order[:keep])
+
+
+# --------------------------------------------------------------------------------------------
+# The student.
+
+
+def student_vit_config(scfg) -> vit.ViTConfig:
+  """The student's ViT (`config.student`): preset `size` ("ti" | "s"), `layers` > 0 overrides
+  the preset's depth; CLIP layout (class token, pre-norm), GELU, `patch_size` on
+  `image_size` pixels."""
+  if scfg.size not in STUDENTS:
+    raise ValueError(f"config.student.size must be one of {sorted(STUDENTS)}, got "
+                     f"{scfg.size!r}")
+  width, mlp, depth, heads = STUDENTS[scfg.size]
+  return vit.ViTConfig(family="clip_vision_model", image_size=int(scfg.image_size),
+                       patch_size=int(scfg.patch_size), hidden_size=width,
+                       intermediate_size=mlp,
+                       num_hidden_layers=int(scfg.layers) if scfg.layers > 0 else depth,
+                       num_attention_heads=heads, hidden_act="gelu", layer_norm_eps=1e-6)
+
+
+class Student(nn.Module):
+  """Weight-shared two-view student: `pixels [B, H, W, 3]` (RGB or depth, in [-1, 1]) ->
+  L2-normalised `[B, width]` in the teacher's space: ViT pooled class token -> Dense."""
+  vit_config: vit.ViTConfig
+  width: int
+  quant: Any = None
+
+  @nn.compact
+  def __call__(self, pixels: jax.Array) -> jax.Array:
+    kw = {} if self.quant is None else {"quant": self.quant}
+    pooled = vit.ViT(self.vit_config, name="vit", **kw)(pixels).pooled
+    z = layers.Dense(self.width, kernel_axes=("embed", "mlp"), quant=self.quant,
+                     name="proj")(pooled)
+    return layers.l2_normalize(z)
+
+
+def rgb_pixels(rgb) -> jax.Array:
+  """uint8 `[..., H, W, 3]` -> float32 in [-1, 1]."""
+  return jnp.asarray(rgb, jnp.float32) * (2.0 / 255.0) - 1.0
+
+
+def view_pixels(batch, view: str) -> jax.Array:
+  """The student input of one view of a batch (`"rgb"` uint8, `"depth"` metres)."""
+  if view == "rgb":
+    return rgb_pixels(batch["rgb"])
+  if view == "depth":
+    d = jnp.asarray(batch["depth"], jnp.float32) * (2.0 / depth_view.MAX_RANGE_M) - 1.0
+    return jnp.repeat(d[..., None], 3, axis=-1)
+  raise ValueError(f"unknown view {view!r}; known: {VIEWS}")
+
+
+# --------------------------------------------------------------------------------------------
+# The teacher.
+
+
+def load_config(spec: str) -> mlc.ConfigDict:
+  """An experiment config from `path.py[:arg]` (its `get_config(arg)`) or a `.json` dump."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise TeacherError(f"distill.teacher_config={spec!r}: {path} does not exist")
+  if path.endswith(".json"):
+    with open(path) as f:
+      return mlc.ConfigDict(json.load(f))
+  import importlib.util
+  module_spec = importlib.util.spec_from_file_location("_teacher_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+@dataclasses.dataclass
+class Teacher:
+  """The frozen teacher: the align model, its params, its feature cache and the prompts'
+  embeddings `{task: [C, width]}` at `width`."""
+  config: Any
+  workdir: str
+  model: align.Aligner
+  params: Any
+  step: int
+  feature_dir: str
+  width: int
+  prompts: Dict[str, np.ndarray]
+
+  def __post_init__(self):
+    self._embed = jax.jit(lambda p, x, m: self.model.apply(p, {f"{m}/pooled": x}, m,
+                                                           method=align.Aligner.embed)[self.width],
+                          static_argnums=2)
+
+  def embed(self, params, pooled: np.ndarray, modality: str, batch: int = 512) -> np.ndarray:
+    """Teacher embeddings `[N, width]` of cached `pooled [N, D]` features."""
+    out = [np.asarray(self._embed(params, jnp.asarray(pooled[i:i + batch], jnp.float32),
+                                  modality)) for i in range(0, len(pooled), batch)]
+    return np.concatenate(out) if out else np.zeros((0, self.width), np.float32)
+
+
+def load_teacher(dcfg, mesh) -> Teacher:
+  """The align run of `distill.teacher_workdir` (config `distill.teacher_config`) as a frozen
+  teacher at width `distill.width`."""
+  workdir = os.path.abspath(dcfg.teacher_workdir)
+  tcfg = load_config(dcfg.teacher_config)
+  if "text" not in tcfg.modalities or "image" not in tcfg.modalities:
+    raise TeacherError(f"the teacher config {dcfg.teacher_config} trains {tcfg.modalities}; "
+                       "distillation needs its image and text adapters")
+  for m in ("image", "text"):
+    if tcfg.model.adapters[m].kind != "mlp":
+      raise TeacherError(f"the teacher's {m} adapter is {tcfg.model.adapters[m].kind!r}; the "
+                         "student distils from pooled-feature ('mlp') adapters only")
+  widths = tuple(tcfg.model.widths)
+  if dcfg.width not in widths:
+    raise TeacherError(f"distill.width={dcfg.width} is not a width of the teacher's heads "
+                       f"{widths}")
+  feature_dir = dcfg.teacher_features or tcfg.get("features_dir") or os.path.join(workdir,
+                                                                                 "features")
+  splits = [tcfg.train.split] + list(tcfg.eval.splits)
+  for split in splits:
+    if not os.path.isfile(os.path.join(feature_dir, split, "index.json")):
+      raise TeacherError(f"the teacher's feature cache {feature_dir} lacks split {split!r} "
+                         "(has the align run finished its extraction?)")
+  model = align.build_model(tcfg)
+  train_src = pipeline.FeatureSource(os.path.join(feature_dir, tcfg.train.split),
+                                     tuple(tcfg.modalities), keys=align.feature_keys(tcfg))
+  example = train_src.get_batch(np.arange(2), 0)
+  task = loop.Task(init_params=lambda r: model.init(r, example), loss_fn=None, train_iter=None)
+  abstract, _ = loop.abstract_state(task, loop.make_optimizer(tcfg.train), mesh,
+                                    jax.random.key(0))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
+  try:
+    step, params = loop.restore_params(os.path.join(workdir, "checkpoints"), abstract)
+  except FileNotFoundError as e:
+    raise TeacherError(f"distill.teacher_workdir={workdir}: {e}") from e
+  params = jax.tree.map(np.asarray, params)
+  tasks = sources.zero_shot(tcfg.data)
+  if tasks is None:
+    raise TeacherError(f"the teacher's data source {tcfg.data.source!r} defines no zero-shot "
+                       "classes")
+  pooled = align.prompt_features(tcfg, feature_dir, mesh, tasks.prompts)
+  teacher = Teacher(tcfg, workdir, model, params, step, feature_dir, int(dcfg.width), {})
+  teacher.prompts = {t: layers.l2_normalize(teacher.embed(params, p, "text"))
+                     for t, p in pooled.items()}
+  logging.info("teacher: %s at step %d, width %d, features %s", workdir, step, dcfg.width,
+               feature_dir)
+  return teacher
+
+
+# --------------------------------------------------------------------------------------------
+# Data: raw views of the cached examples.
+
+
+class ViewSource:
+  """Rows of one split held in memory for the student: `rgb` uint8 `[N, H, W, 3]`, `depth`
+  float32 `[N, H, W]`, the teacher's cached image features `teacher` `[N, D]`, `label` (the
+  pseudo-label, or -1), `group`, `index` (row in this source); `get_batch` as grain wants."""
+
+  def __init__(self, arrays: Dict[str, np.ndarray], ids: Sequence[str]):
+    self.arrays, self.ids = arrays, list(ids)
+    sizes = {k: len(v) for k, v in arrays.items()}
+    if len(set(sizes.values())) != 1 or len(self.ids) != len(arrays["rgb"]):
+      raise ValueError(f"ViewSource: arrays of different lengths {sizes}, {len(self.ids)} ids")
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  def get_batch(self, indices, epoch: int = 0, seed: int = 0) -> Dict[str, np.ndarray]:
+    del epoch, seed
+    indices = np.asarray(indices, np.int64)
+    out = {k: v[indices] for k, v in self.arrays.items()}
+    out["index"] = indices
+    return out
+
+  def batch_ids(self, batch) -> list:
+    return [self.ids[i] if i >= 0 else "<pad>" for i in np.asarray(batch["index"]).tolist()]
+
+  def subset(self, rows: np.ndarray, **extra: np.ndarray) -> "ViewSource":
+    arrays = {k: v[rows] for k, v in self.arrays.items()}
+    arrays.update(extra)
+    return ViewSource(arrays, [self.ids[i] for i in rows])
+
+
+def load_views(teacher: Teacher, split: str) -> ViewSource:
+  """The cached rows of `split` with both raw views rendered from the synthetic set that the
+  teacher's features were extracted from (rows matched by example id)."""
+  tcfg = teacher.config
+  if tcfg.data.source != "synthetic":
+    raise TeacherError(f"the depth view exists for the synthetic set only; the teacher's data "
+                       f"source is {tcfg.data.source!r}")
+  cache = pipeline.FeatureSource(os.path.join(teacher.feature_dir, split), ("image",),
+                                 keys=("pooled",))
+  data = cache.get_batch(np.arange(len(cache)), 0)
+  dataset = sources.synthetic_dataset(tcfg.data)
+  n = dataset.num_examples(split)
+  by_id = {dataset.example_id(split, i): i for i in range(n)}
+  missing = [i for i in cache.ids if i not in by_id]
+  if missing:
+    raise TeacherError(f"{teacher.feature_dir}/{split}: cached ids {missing[:3]} are not in the "
+                       f"synthetic set of the teacher's config (another seed or size?)")
+  rows = [by_id[i] for i in cache.ids]
+  rgb = np.stack([dataset.render_rgb(split, i) for i in rows])
+  dep = np.stack([dataset.render_depth(split, i) for i in rows])
+  groups = dataset.groups(split)[rows]
+  if not np.array_equal(groups, data["group"]):
+    raise TeacherError(f"{teacher.feature_dir}/{split}: cached groups differ from the synthetic "
+                       "set's; the cache was extracted from other data")
+  return ViewSource({"rgb": rgb, "depth": dep, "teacher": data["image/pooled"].astype(np.float32),
+                     "group": groups.astype(np.int32),
+                     "label": np.full(len(rows), -1, np.int32)}, cache.ids)
+
+
+# --------------------------------------------------------------------------------------------
+# Loss.
+
+
+def make_loss_fn(student: Student, teacher: Teacher, dcfg, stage: int):
+  """student_params, frozen {"teacher": params}, batch, rng -> (loss, metrics).
+
+  Stage 1: sum over views of L1(student(view), teacher(rgb)). Stage 2: sum over views of the
+  semi-hard triplet loss on the pseudo-labels, plus `stage2_distill_weight` x the stage-1 loss.
+  """
+  views = tuple(dcfg.views)
+
+  def loss_fn(params, frozen, batch, rng):
+    target = teacher.model.apply(frozen["teacher"], {"image/pooled": batch["teacher"]}, "image",
+                                 method=align.Aligner.embed)[teacher.width]
+    rngs = {"params": rng}
+    metrics, distill, triplet = {}, 0.0, 0.0
+    for view in views:
+      z = student.apply(params, view_pixels(batch, view), rngs=rngs)
+      d = losses.distillation_loss(z, target, "l1")
+      metrics[f"l1/{view}"] = d
+      distill = distill + d
+      if stage == 2:
+        t = losses.semi_hard_triplet_loss(z, batch["label"], dcfg.margin, dcfg.num_negatives)
+        metrics[f"triplet/{view}"] = t
+        triplet = triplet + t
+    if stage == 1:
+      return distill, metrics
+    return triplet + dcfg.stage2_distill_weight * distill, metrics
+
+  return loss_fn
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def _retrieval(z: np.ndarray, z_text: np.ndarray, groups: np.ndarray, prefix: str):
+  positives = groups[:, None] == groups[None, :]
+  scores = evaluate.retrieval_metrics(z @ z_text.T, positives)
+  return {f"{prefix}/{k}": v for k, v in scores.items()}
+
+
+class Evaluator:
+  """Zero-shot accuracy per view and attribute and view-to-text retrieval on `eval.split`,
+  for the student (every eval) and the teacher (computed once)."""
+
+  def __init__(self, student: Student, teacher: Teacher, config, mesh):
+    self.student, self.teacher, self.config, self.mesh = student, teacher, config, mesh
+    split = config.eval.split
+    self.views = load_views(teacher, split)
+    text = pipeline.FeatureSource(os.path.join(teacher.feature_dir, split), ("text",),
+                                  keys=("pooled",))
+    self.text_pooled = text.get_batch(np.arange(len(text)), 0)["text/pooled"]
+    self.labels = sources.zero_shot(teacher.config.data).labels(self.views.arrays["group"])
+    self.batch_size = config.eval.batch_size
+    self.apply = jax.jit(lambda p, px: student.apply(p, px, rngs={"params": jax.random.key(0)}))
+    self._teacher_metrics = None
+
+  def embed(self, params, view: str) -> np.ndarray:
+    """Student embeddings `[N, width]` of one view of the eval split."""
+    out = []
+    n = len(self.views)
+    for start in range(0, n, self.batch_size):
+      rows = np.arange(start, min(n, start + self.batch_size))
+      batch = self.views.get_batch(np.concatenate([rows, np.full(self.batch_size - len(rows),
+                                                                 rows[-1])]))
+      out.append(np.asarray(self.apply(params, view_pixels(batch, view)))[:len(rows)])
+    return np.concatenate(out)
+
+  def scores(self, z_views: Dict[str, np.ndarray], z_text: np.ndarray) -> Dict[str, float]:
+    out = {}
+    groups = self.views.arrays["group"]
+    for view, z in z_views.items():
+      accs = []
+      for task, prompts in self.teacher.prompts.items():
+        acc = evaluate.zero_shot_classification(z, prompts, self.labels[task])
+        out[f"zeroshot/{view}/{task}"] = acc
+        accs.append(acc)
+      out[f"zeroshot/{view}/mean"] = float(np.mean(accs))
+      out.update(_retrieval(z, z_text, groups, f"{view}_to_text"))
+    return out
+
+  def teacher_metrics(self, frozen) -> Dict[str, float]:
+    if self._teacher_metrics is None:
+      z_text = layers.l2_normalize(self.teacher.embed(self.teacher.params, self.text_pooled,
+                                                      "text"))
+      z_rgb = self.teacher.embed(self.teacher.params, self.views.arrays["teacher"], "image")
+      self.z_text = z_text
+      self._teacher_metrics = {f"teacher/{k}": v
+                               for k, v in self.scores({"rgb": z_rgb}, z_text).items()}
+    return self._teacher_metrics
+
+  def __call__(self, params, frozen, step: int) -> Dict[str, float]:
+    metrics = dict(self.teacher_metrics(frozen))
+    z = {view: self.embed(params, view) for view in self.config.distill.views}
+    metrics.update(self.scores(z, self.z_text))
+    logging.info("step %d: zero-shot %s", step, ", ".join(
+        f"{v}: {100 * metrics[f'zeroshot/{v}/mean']:.1f}" for v in z))
+    return metrics
+
+
+def params_bytes(params) -> int:
+  """Bytes on disk of a parameter tree saved as safetensors (arrays by their own dtype)."""
+  from safetensors.numpy import save_file
+  flat = {jax.tree_util.keystr(p): np.ascontiguousarray(np.asarray(v))
+          for p, v in jax.tree_util.tree_leaves_with_path(params)}
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "params.safetensors")
+    save_file(flat, path)
+    return os.path.getsize(path)
+
+
+def latency_ms(fn, params, pixels: np.ndarray, repeats: int) -> float:
+  """Median wall time in ms of `fn(params, pixels)` (compiled and warmed up first)."""
+  x = jnp.asarray(pixels)
+  jax.block_until_ready(fn(params, x))
+  times = []
+  for _ in range(max(repeats, 1)):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(params, x))
+    times.append(time.perf_counter() - t0)
+  return 1000.0 * float(np.median(times))
+
+
+def edge_metrics(student: Student, params, config) -> Dict[str, float]:
+  """`size/float32_MB` of the student's params and `latency/b{B}_ms` of one forward pass at
+  each batch `eval.latency_batches`, on this process's first device."""
+  scfg = config.student
+  fn = jax.jit(lambda p, x: student.apply(p, x, rngs={"params": jax.random.key(0)}))
+  host = jax.device_put(jax.tree.map(np.asarray, params), jax.local_devices()[0])
+  out = {"size/float32_MB": params_bytes(params) / 2**20}
+  for b in config.eval.latency_batches:
+    px = np.zeros((int(b), scfg.image_size, scfg.image_size, 3), np.float32)
+    out[f"latency/b{b}_ms"] = latency_ms(fn, host, px, config.eval.latency_repeats)
+  return out
+
+
+# --------------------------------------------------------------------------------------------
+# The task.
+
+
+def build_student(config, quant=None) -> Student:
+  return Student(student_vit_config(config.student), int(config.distill.width), quant=quant)
+
+
+def curated_train(teacher: Teacher, dcfg) -> Tuple[ViewSource, Dict[str, float]]:
+  """Stage 0: the training rows the teacher is most sure of, with their pseudo-labels."""
+  views = load_views(teacher, teacher.config.train.split)
+  z = teacher.embed(teacher.params, views.arrays["teacher"], "image")
+  tasks = tuple(dcfg.label_tasks)
+  unknown = sorted(set(tasks) - set(teacher.prompts))
+  if unknown:
+    raise ValueError(f"distill.label_tasks {unknown} are not zero-shot tasks of the teacher's "
+                     f"data; known: {sorted(teacher.prompts)}")
+  confidence, label = zero_shot_confidence(z, [teacher.prompts[t] for t in tasks],
+                                           dcfg.confidence_scale)
+  keep = curate(confidence, dcfg.tau)
+  truth = sources.zero_shot(teacher.config.data).labels(views.arrays["group"])
+  radix = np.zeros(len(views), np.int64)
+  for t in tasks:
+    radix = radix * len(teacher.prompts[t]) + truth[t]
+  stats = {"curation/kept": float(len(keep)), "curation/of": float(len(views)),
+           "curation/pseudo_label_acc_kept": float(np.mean(label[keep] == radix[keep])),
+           "curation/pseudo_label_acc_all": float(np.mean(label == radix)),
+           "curation/min_confidence_kept": float(confidence[keep].min())}
+  logging.info("curation: kept %d of %d (tau %.2f), pseudo-labels right on %.1f%% of the kept, "
+               "%.1f%% of all", len(keep), len(views), dcfg.tau,
+               100 * stats["curation/pseudo_label_acc_kept"],
+               100 * stats["curation/pseudo_label_acc_all"])
+  return views.subset(keep, label=label[keep].astype(np.int32)), stats
+
+
+def make_quant(config):
+  """The quantization object `config.quant` asks for, None for float training."""
+  mode = config.quant.mode
+  if mode in ("", "none"):
+    return None
+  from edgeglass_jax import quant
+  return quant.from_config(config.quant)
+
+
+def init_from(config, student: Student, example: jax.Array, mesh):
+  """Stage 2's initial params: the final student params of stage 1's workdir, boxed like
+  `student`'s init."""
+  float_student = build_student(config)
+  boxed = jax.eval_shape(lambda r: float_student.init(r, example), jax.random.key(0))
+  task = loop.Task(init_params=lambda r: float_student.init(r, example), loss_fn=None,
+                   train_iter=None)
+  abstract, _ = loop.abstract_state(task, loop.make_optimizer(config.train), mesh,
+                                    jax.random.key(0))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
+  directory = os.path.join(config.distill.init_workdir, "checkpoints")
+  step, params = loop.restore_params(directory, abstract)
+  logging.info("stage 2 starts from %s at step %d", directory, step)
+  params = jax.tree.map(np.asarray, params)
+  return loop.with_logical_axes(boxed, params)
+
+
+def make_task(config, workdir: str, mesh, stats: Optional[dict] = None) -> loop.Task:
+  dcfg = config.distill
+  stage = int(dcfg.stage)
+  if stage not in (1, 2):
+    raise ValueError(f"config.distill.stage must be 1 or 2, got {stage}")
+  unknown = sorted(set(dcfg.views) - set(VIEWS))
+  if unknown or not dcfg.views:
+    raise ValueError(f"config.distill.views {list(dcfg.views)}: use some of {VIEWS}")
+  if stage == 2 and not dcfg.init_workdir:
+    raise ValueError("config.distill.stage=2 needs distill.init_workdir (stage 1's workdir)")
+  teacher = load_teacher(dcfg, mesh)
+  if int(config.student.image_size) != int(teacher.config.data.synthetic.image_size):
+    raise ValueError(f"config.student.image_size={config.student.image_size} differs from the "
+                     f"teacher's images ({teacher.config.data.synthetic.image_size} px)")
+  train_views, curation = curated_train(teacher, dcfg)
+  if stats is not None:
+    stats.update(curation)
+  student = build_student(config, make_quant(config) if stage == 2 else None)
+  example = view_pixels(train_views.get_batch(np.arange(2)), "rgb")
+  train_iter = pipeline.make_train_loader(train_views, config.train.batch_size, config.seed,
+                                          jax.process_index(), jax.process_count())
+  if stage == 1:
+    init = lambda rng: student.init(rng, example)
+  else:
+    start = init_from(config, student, example, mesh)
+    init = lambda rng: start
+  return loop.Task(
+      init_params=init,
+      loss_fn=make_loss_fn(student, teacher, dcfg, stage),
+      train_iter=train_iter,
+      evaluate=Evaluator(student, teacher, config, mesh),
+      batch_ids=train_views.batch_ids,
+      frozen={"teacher": teacher.params},
+      frozen_source=f"{teacher.workdir} step {teacher.step}")
+
+
+def run(config, workdir: str) -> dict:
+  stats: Dict[str, float] = {}
+  captured = {}
+
+  def build(config, workdir, mesh):
+    captured["task"] = make_task(config, workdir, mesh, stats)
+    return captured["task"]
+
+  result = loop.run(config, workdir, build)
+  state = result.pop("state")
+  result.pop("frozen", None)
+  student = build_student(config, make_quant(config) if int(config.distill.stage) == 2 else None)
+  result["metrics"].update(stats)
+  result["metrics"].update(edge_metrics(student, state.params, config))
+  return result
