@@ -9,6 +9,9 @@ Two rules hold for every block here:
   `lax.dot_general`-compatible callable (maxtext `layers/linears.py`): the object sees the
   kernel's logical axes, which AQT needs to place its scales. The older `dot_general_cls`
   field (the zero-argument factory itself) still works; a module takes one or the other.
+  A quantization object may also give the attention core's einsums (`einsum_cls()`, see
+  `make_einsum`) and say it is `serving`: then `Dense` creates no float kernel, because the
+  matmul reads the converted int8 kernel from its own variable collection.
 
 `dtype` is the compute dtype (bf16 on TPU/GPU), `param_dtype` the storage dtype; norms and
 softmax always run in float32.
@@ -31,11 +34,29 @@ LayerCache = Dict[str, Array]
 
 
 class Quant(Protocol):
-  """What `Dense` (and every module that passes `quant` down) asks of a quantization object."""
+  """What `Dense` (and every module that passes `quant` down) asks of a quantization object.
+
+  Optional members, read with `getattr`: `serving` (bool; True: the kernels live in the quant
+  object's collection, `Dense` makes no float kernel) and `einsum_cls()` (a zero-argument
+  factory of an `einsum(eqn, lhs, rhs)` callable for the attention core, or None).
+  """
 
   def dot_general_cls(self, kernel_axes: Tuple[Optional[str], ...]
                       ) -> Callable[[], Callable[..., Array]]:
     ...
+
+
+def is_serving(quant: Optional[Quant]) -> bool:
+  """True when `quant` serves converted weights (no float kernels in the param tree)."""
+  return bool(getattr(quant, "serving", False))
+
+
+def make_einsum(quant: Optional[Quant]) -> Optional[Callable[..., Array]]:
+  """The attention core's `einsum(eqn, lhs, rhs)` from `quant.einsum_cls()`, or None (plain
+  `jnp.einsum`). Call it inside a compact method, like `make_dot_general`."""
+  factory = getattr(quant, "einsum_cls", None)
+  factory = factory() if factory is not None else None
+  return None if factory is None else factory()
 
 default_kernel_init = nn.initializers.lecun_normal()
 
@@ -95,8 +116,12 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", _partitioned(self.kernel_init, self.kernel_axes),
-                        (x.shape[-1], self.features), self.param_dtype)
+    shape = (x.shape[-1], self.features)
+    if is_serving(self.quant):
+      kernel = jnp.zeros(shape, self.dtype)  # only its shape is read: the int8 kernel is stored
+    else:
+      kernel = self.param("kernel", _partitioned(self.kernel_init, self.kernel_axes), shape,
+                          self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     dot_general = make_dot_general(self.quant, self.dot_general_cls, self.kernel_axes)
     y = dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
@@ -260,12 +285,15 @@ def _soft_cap(logits: Array, cap: Optional[float]) -> Array:
   return logits if cap is None else jnp.tanh(logits / cap) * cap
 
 
-def _attention_dense(q, k, v, mask, scale, softcap=None):
+def _attention_dense(q, k, v, mask, scale, softcap=None, einsum=None):
   """q `[B, K, G, Tq, hd]`, k/v `[B, K, Tk, hd]`, mask `[B|1, K|1, G|1, Tq|1, Tk]`."""
-  logits = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
-  logits = _soft_cap(logits, softcap)
+  if einsum is None:
+    logits = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32)
+  else:
+    logits = einsum("bkgqd,bksd->bkgqs", q, k).astype(jnp.float32)
+  logits = _soft_cap(logits * scale, softcap)
   weights = _masked_softmax(logits, mask).astype(v.dtype)
-  return jnp.einsum("bkgqs,bksd->bkgqd", weights, v)
+  return (jnp.einsum if einsum is None else einsum)("bkgqs,bksd->bkgqd", weights, v)
 
 
 def _attention_blocked(q, k, v, mask, scale, softcap=None):
@@ -287,7 +315,8 @@ def _attention_blocked(q, k, v, mask, scale, softcap=None):
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array],
-                          scale: float, softcap: Optional[float] = None) -> Array:
+                          scale: float, softcap: Optional[float] = None,
+                          einsum: Optional[Callable[..., Array]] = None) -> Array:
   """Softmax attention with grouped-query heads.
 
   q `[B, Tq, H, hd]`, k/v `[B, Tk, K, hd]` with H a multiple of K; mask boolean broadcastable to
@@ -295,6 +324,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array],
   `softcap` is set) and softmax in float32; a fully masked row gives zeros, not NaN.
   Computed head-major (`[B, K, G, T, hd]`, plain batched matmuls); on CPU, long sequences go
   block by block (see `BLOCKED_CPU_ATTENTION_MIN_LOGITS`), elsewhere in one piece.
+  `einsum(eqn, lhs, rhs)` replaces `jnp.einsum` for both products (`make_einsum`: int8
+  attention); it may be a linen module, so that path is always computed in one piece.
   """
   b, tq, h, hd = q.shape
   tk, kv = k.shape[1], k.shape[2]
@@ -308,8 +339,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array],
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
     mb, mh, mq, _ = mask.shape
     mask = mask.reshape(mb, kv if mh > 1 else 1, g if mh > 1 else 1, mq, mask.shape[-1])
-  dense = lambda *a: _attention_dense(*a, mask, scale, softcap)
-  if tq * tk >= BLOCKED_CPU_ATTENTION_MIN_LOGITS:
+  dense = lambda *a: _attention_dense(*a, mask, scale, softcap, einsum)
+  if einsum is None and tq * tk >= BLOCKED_CPU_ATTENTION_MIN_LOGITS:
     blocked = lambda *a: _attention_blocked(*a, mask, scale, softcap)
     out = jax.lax.platform_dependent(qh, kh, vh, cpu=blocked, default=dense)
   else:
@@ -363,7 +394,7 @@ class MultiHeadAttention(nn.Module):
       q = rotary_embedding(q, positions, self.rope_theta)
       k = rotary_embedding(k, positions, self.rope_theta)
     out = dot_product_attention(q, k, v, combine_masks(mask, kv_mask, tq),
-                                scale=1.0 / np.sqrt(head_dim))
+                                scale=1.0 / np.sqrt(head_dim), einsum=make_einsum(self.quant))
     out = out.reshape(b, tq, self.num_heads * head_dim)
     return self._dense(self.out_features or d, self.out_bias, ("heads", "embed"), "out")(out)
 
@@ -497,7 +528,8 @@ class Attention(nn.Module):
         raise ValueError(f"mask must be [B, {t}, {k.shape[1]}] (queries x "
                          f"{'cache slots' if cache is not None else 'keys'}), got {mask.shape}")
       mask = mask[:, None]
-    out = dot_product_attention(q, k, v, mask, self.scale, self.attn_logit_softcap)
+    out = dot_product_attention(q, k, v, mask, self.scale, self.attn_logit_softcap,
+                                make_einsum(self.quant))
     y = self._dense(self.features or d, self.out_bias, ("heads", "embed"), "out")(
         out.reshape(b, t, h * hd))
     return new_cache, y
