@@ -3,8 +3,9 @@
 Two rules hold for every block here:
 - each parameter carries logical axis names (`nn.with_logical_partitioning`), so a config maps
   them onto mesh axes (`sharding.py`) and no module mentions a mesh;
-- each weight matmul goes through an injectable dot_general, so int8 QAT is a config switch
-  (`quant.py`), not a fork of the model. The injection is a quantization object `quant` with a
+- each weight matmul is a `Dense` (the ViT patch embedding and Whisper's convolutions are
+  `Dense` subclasses applied to flattened windows) and goes through an injectable dot_general,
+  so int8 QAT is a config switch (`quant.py`), not a fork of the model. The injection is a quantization object `quant` with a
   method `dot_general_cls(kernel_axes)` returning a zero-argument factory of a
   `lax.dot_general`-compatible callable (maxtext `layers/linears.py`): the object sees the
   kernel's logical axes, which AQT needs to place its scales. The older `dot_general_cls`

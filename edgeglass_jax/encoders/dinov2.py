@@ -37,7 +37,7 @@ import json
 import logging
 import os
 import re
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -134,15 +134,16 @@ class Dinov2Embeddings(nn.Module):
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   dot_general_cls: layers.DotGeneralFactory = None
+  quant: Optional[layers.Quant] = None
 
   @nn.compact
   def __call__(self, pixels: Array) -> Array:
     c = self.config
     if pixels.ndim != 4 or pixels.shape[-1] != c.num_channels:
       raise ValueError(f"pixels must be [B, H, W, {c.num_channels}] (NHWC), got {pixels.shape}")
-    x = PatchEmbed(c.hidden_size, c.patch_size, use_bias=True, dtype=self.dtype,
+    x = PatchEmbed(c.hidden_size, patch_size=c.patch_size, use_bias=True, dtype=self.dtype,
                    param_dtype=self.param_dtype, dot_general_cls=self.dot_general_cls,
-                   name="patch_embeddings")(pixels)
+                   quant=self.quant, name="patch_embeddings")(pixels)
     b, gh, gw, d = x.shape
     init = nn.initializers.truncated_normal(0.02)
     cls = self.param("cls_token", nn.with_logical_partitioning(init, (None, None, "embed")),
@@ -162,6 +163,7 @@ class Dinov2Layer(nn.Module):
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   dot_general_cls: layers.DotGeneralFactory = None
+  quant: Optional[layers.Quant] = None
 
   def _scale(self, name: str, x: Array) -> Array:
     lam = self.param(name, nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
@@ -172,17 +174,16 @@ class Dinov2Layer(nn.Module):
   def __call__(self, x: Array) -> Array:
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    mm = dict(kw, dot_general_cls=self.dot_general_cls, quant=self.quant)
     h = layers.LayerNorm(c.layer_norm_eps, name="norm1", **kw)(x)
-    h = layers.MultiHeadAttention(c.num_attention_heads, qkv_bias=c.qkv_bias,
-                                  dot_general_cls=self.dot_general_cls, name="attn", **kw)(h)
+    h = layers.MultiHeadAttention(c.num_attention_heads, qkv_bias=c.qkv_bias, name="attn",
+                                  **mm)(h)
     x = x + self._scale("layer_scale1", h)
     h = layers.LayerNorm(c.layer_norm_eps, name="norm2", **kw)(x)
     if c.use_swiglu_ffn:
-      mlp = layers.MLP(c.intermediate_size, act="silu", gated=True,
-                       dot_general_cls=self.dot_general_cls, name="mlp", **kw)
+      mlp = layers.MLP(c.intermediate_size, act="silu", gated=True, name="mlp", **mm)
     else:
-      mlp = layers.MLP(c.intermediate_size, act=c.hidden_act,
-                       dot_general_cls=self.dot_general_cls, name="mlp", **kw)
+      mlp = layers.MLP(c.intermediate_size, act=c.hidden_act, name="mlp", **mm)
     return x + self._scale("layer_scale2", mlp(h))
 
 
@@ -193,12 +194,13 @@ class Dinov2(nn.Module):
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   dot_general_cls: layers.DotGeneralFactory = None
+  quant: Optional[layers.Quant] = None
 
   @nn.compact
   def __call__(self, pixels: Array) -> EncoderOutput:
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-              dot_general_cls=self.dot_general_cls)
+              dot_general_cls=self.dot_general_cls, quant=self.quant)
     x = Dinov2Embeddings(c, name="embeddings", **kw)(pixels)
     for i in range(c.num_hidden_layers):
       x = Dinov2Layer(c, name=f"layers_{i}", **kw)(x)
@@ -214,7 +216,8 @@ def hf_rules(config: Dinov2Config, naming: str = "saved") -> list:
   c = config
   saved = naming == "saved"
   rules = [Rule("embeddings.patch_embeddings.projection.weight",
-                ("embeddings", "patch_embeddings", "kernel"), "conv2d"),
+                ("embeddings", "patch_embeddings", "kernel"), "conv2d",
+                window=(c.patch_size, c.patch_size)),
            Rule("embeddings.patch_embeddings.projection.bias",
                 ("embeddings", "patch_embeddings", "bias")),
            Rule("embeddings.cls_token", ("embeddings", "cls_token")),
@@ -262,12 +265,13 @@ def dummy_inputs(module: Dinov2) -> tuple:
 
 
 def build(hf_config: dict, dtype=jnp.float32, param_dtype=jnp.float32,
-          dot_general_cls=None) -> Dinov2:
+          dot_general_cls=None, quant=None) -> Dinov2:
   try:
     config = Dinov2Config.from_hf(hf_config)
   except (ValueError, TypeError, KeyError) as e:
     raise WeightsError(f"{FAMILY} config: {e}") from e
-  return Dinov2(config, dtype=dtype, param_dtype=param_dtype, dot_general_cls=dot_general_cls)
+  return Dinov2(config, dtype=dtype, param_dtype=param_dtype, dot_general_cls=dot_general_cls,
+                quant=quant)
 
 
 registry.register(Family(name=FAMILY, modality="image", build=build,

@@ -28,9 +28,9 @@ class EncoderOutput(NamedTuple):
 class Family:
   """How to build and load one HF architecture.
 
-  build(hf_config, dtype, param_dtype) -> module; rules(module) -> [Rule] with canonical HF names
-  (a checkpoint's wrapper prefix, e.g. "model." or "bert.", is found and stripped on load);
-  dummy_inputs(module) -> positional args for `module.init`. Every encoder module has a frozen
+  build(hf_config, dtype, param_dtype, dot_general_cls=None, quant=None) -> module;
+  rules(module) -> [Rule] with canonical HF names (a checkpoint's wrapper prefix, e.g. "model."
+  or "bert.", is found and stripped on load); dummy_inputs(module) -> positional args for `module.init`. Every encoder module has a frozen
   dataclass field `config` whose `family` names its entry here.
   checkpoint_rules(module, tensors) -> [Rule], optional: the table for one checkpoint (prefix
   already stripped) when the family's tensor names changed between transformers versions; it
@@ -95,12 +95,14 @@ def abstract_params(module: nn.Module, family: Family):
 
 
 def from_pretrained(path: str, tower: Optional[str] = None, dtype=jnp.float32,
-                    param_dtype=jnp.float32, dot_general_cls=None):
-  """Loads a local HF checkpoint directory into `(module, {"params": ...})`."""
+                    param_dtype=jnp.float32, dot_general_cls=None, quant=None):
+  """Loads a local HF checkpoint directory into `(module, {"params": ...})`.
+
+  `quant` (a `layers.Quant`) or the older `dot_general_cls` factory reaches every kernel."""
   hf_config = hf.read_hf_config(path)
   family, cfg = resolve(hf_config, tower, path)
   module = family.build(cfg, dtype=dtype, param_dtype=param_dtype,
-                        dot_general_cls=dot_general_cls)
+                        dot_general_cls=dot_general_cls, quant=quant)
   rules = family.rules(module)
   tensors = _strip_wrapper_prefix(hf.read_hf_dir(path), rules)
   if family.checkpoint_rules is not None:

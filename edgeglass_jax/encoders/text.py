@@ -193,16 +193,16 @@ class BertLayer(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   dot_general_cls: layers.DotGeneralFactory = None
+  quant: Optional[layers.Quant] = None
 
   @nn.compact
   def __call__(self, x: Array, kv_mask: Array) -> Array:
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = layers.MultiHeadAttention(c.num_heads, dot_general_cls=self.dot_general_cls,
-                                  name="attention", **kw)(x, kv_mask=kv_mask)
+    mm = dict(kw, dot_general_cls=self.dot_general_cls, quant=self.quant)
+    h = layers.MultiHeadAttention(c.num_heads, name="attention", **mm)(x, kv_mask=kv_mask)
     x = layers.LayerNorm(c.eps, name="attention_norm", **kw)(x + h)
-    h = layers.MLP(c.intermediate_size, act=c.act, dot_general_cls=self.dot_general_cls,
-                   name="mlp", **kw)(x)
+    h = layers.MLP(c.intermediate_size, act=c.act, name="mlp", **mm)(x)
     return layers.LayerNorm(c.eps, name="output_norm", **kw)(x + h)
 
 
@@ -216,6 +216,7 @@ class BertEncoder(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   dot_general_cls: layers.DotGeneralFactory = None
+  quant: Optional[layers.Quant] = None
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
@@ -232,7 +233,8 @@ class BertEncoder(nn.Module):
                   name="token_type_embeddings", **kw)(token_type_ids)
     x = layers.LayerNorm(c.eps, name="embeddings_norm", **kw)(x)
     for i in range(c.num_layers):
-      x = BertLayer(c, dot_general_cls=self.dot_general_cls, name=f"layers_{i}", **kw)(x, mask)
+      x = BertLayer(c, dot_general_cls=self.dot_general_cls, quant=self.quant,
+                    name=f"layers_{i}", **kw)(x, mask)
     return EncoderOutput(masked_mean_l2(x, mask).astype(self.dtype), x)
 
 
@@ -247,11 +249,12 @@ class TextTower(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   dot_general_cls: layers.DotGeneralFactory = None
+  quant: Optional[layers.Quant] = None
 
   def setup(self):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    dkw = dict(kw, dot_general_cls=self.dot_general_cls)
+    dkw = dict(kw, dot_general_cls=self.dot_general_cls, quant=self.quant)
     self.token_embedding = Embed(c.vocab_size, c.hidden_size, **kw)
     self.position_embedding = Embed(c.max_positions, c.hidden_size, (None, "embed"), **kw)
     self.blocks = [layers.PreNormBlock(c.num_heads, c.intermediate_size, act=c.act,
@@ -342,9 +345,10 @@ def _dummy_text(module: nn.Module):
 
 
 def _build(module_cls, config_cls):
-  def build(cfg: dict, dtype=jnp.float32, param_dtype=jnp.float32, dot_general_cls=None):
+  def build(cfg: dict, dtype=jnp.float32, param_dtype=jnp.float32, dot_general_cls=None,
+            quant=None):
     return module_cls(config_cls.from_hf(cfg), dtype=dtype, param_dtype=param_dtype,
-                      dot_general_cls=dot_general_cls)
+                      dot_general_cls=dot_general_cls, quant=quant)
   return build
 
 

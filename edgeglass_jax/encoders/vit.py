@@ -139,39 +139,34 @@ def resize_positions(table: Array, grid_hw: Sequence[int]) -> Array:
   return out.reshape(gh * gw, -1).astype(table.dtype)
 
 
-class PatchEmbed(nn.Module):
-  """Non-overlapping patch conv as one matmul: `[B, H, W, C]` -> `[B, H/p, W/p, D]`.
+def patchify(pixels: Array, patch_size: int) -> Array:
+  """Non-overlapping patches, flattened: `[B, H, W, C]` -> `[B, H/p, W/p, p*p*C]` in `(row,
+  column, channel)` order; leftover rows/columns are dropped, as a "valid" conv does."""
+  p = patch_size
+  b, h, w, c = pixels.shape
+  gh, gw = h // p, w // p
+  if gh == 0 or gw == 0:
+    raise ValueError(f"image of {h}x{w} pixels is smaller than one {p}x{p} patch")
+  x = pixels[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh, gw, p * p * c)
 
-  The kernel is stored `[p, p, C, D]` (Flax conv layout, HF conv2d weight transposed) and applied
-  through the injectable `dot_general`; leftover rows/columns are dropped, as a "valid" conv does.
+
+class PatchEmbed(layers.Dense):
+  """The patch conv (stride = size = p) as a `layers.Dense` on `patchify`'s flattened patches:
+  `[B, H, W, C]` -> `[B, H/p, W/p, features]`.
+
+  Being a Dense, it is the same injectable matmul (and `quant` object) as every other kernel.
+  Its kernel is `[p*p*C, features]` with logical axes `("conv", "embed")`: HF's conv2d weight
+  `[D, C, p, p]` transposed to `[p, p, C, D]` and flattened (`convert` kind "conv2d",
+  `window=(p, p)`).
   """
-  features: int
-  patch_size: int
-  use_bias: bool = True
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
-  dot_general_cls: layers.DotGeneralFactory = None
+  patch_size: int = 0
+  kernel_axes: Sequence[Optional[str]] = ("conv", "embed")
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    p = self.patch_size
-    b, h, w, c = x.shape
-    gh, gw = h // p, w // p
-    if gh == 0 or gw == 0:
-      raise ValueError(f"image of {h}x{w} pixels is smaller than one {p}x{p} patch")
-    kernel = self.param("kernel", nn.with_logical_partitioning(layers.default_kernel_init,
-                                                               (None, None, None, "embed")),
-                        (p, p, c, self.features), self.param_dtype)
-    x = x[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(b, gh, gw, p * p * c)
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    dot_general = self.dot_general_cls() if self.dot_general_cls else jax.lax.dot_general
-    y = dot_general(x, kernel.reshape(p * p * c, self.features), (((3,), (0,)), ((), ())))
-    if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-                        (self.features,), self.param_dtype)
-      y = y + jnp.asarray(bias, self.dtype)
-    return y
+  def __call__(self, pixels: Array) -> Array:
+    if self.patch_size < 1:
+      raise ValueError(f"PatchEmbed needs patch_size >= 1, got {self.patch_size}")
+    return super().__call__(patchify(pixels, self.patch_size))
 
 
 class ViTEmbeddings(nn.Module):
@@ -183,14 +178,16 @@ class ViTEmbeddings(nn.Module):
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   dot_general_cls: layers.DotGeneralFactory = None
+  quant: Optional[layers.Quant] = None
 
   @nn.compact
   def __call__(self, pixels: Array) -> Array:
     c = self.config
     if pixels.ndim != 4 or pixels.shape[-1] != c.num_channels:
       raise ValueError(f"pixels must be [B, H, W, {c.num_channels}] (NHWC), got {pixels.shape}")
-    x = PatchEmbed(c.hidden_size, c.patch_size, use_bias=not c.class_token, dtype=self.dtype,
-                   param_dtype=self.param_dtype, dot_general_cls=self.dot_general_cls,
+    x = PatchEmbed(c.hidden_size, patch_size=c.patch_size, use_bias=not c.class_token,
+                   dtype=self.dtype, param_dtype=self.param_dtype,
+                   dot_general_cls=self.dot_general_cls, quant=self.quant,
                    name="patch_embedding")(pixels)
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)
@@ -219,20 +216,21 @@ class MAPHead(nn.Module):
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   dot_general_cls: layers.DotGeneralFactory = None
+  quant: Optional[layers.Quant] = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     b, _, d = x.shape
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
+              dot_general_cls=self.dot_general_cls, quant=self.quant)
     probe = self.param("probe", nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
                                                              (None, None, "embed")),
                        (1, 1, d), self.param_dtype)
     probe = jnp.broadcast_to(jnp.asarray(probe, self.dtype), (b, 1, d))
-    h = layers.MultiHeadAttention(self.num_heads, dot_general_cls=self.dot_general_cls,
-                                  name="attn", **kw)(probe, kv=x)
-    y = layers.LayerNorm(self.epsilon, name="norm", **kw)(h)
-    h = h + layers.MLP(self.mlp_dim, act=self.act, dot_general_cls=self.dot_general_cls,
-                       name="mlp", **kw)(y)
+    h = layers.MultiHeadAttention(self.num_heads, name="attn", **kw)(probe, kv=x)
+    y = layers.LayerNorm(self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name="norm")(h)
+    h = h + layers.MLP(self.mlp_dim, act=self.act, name="mlp", **kw)(y)
     return h[:, 0]
 
 
@@ -247,22 +245,23 @@ class ViT(nn.Module):
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   dot_general_cls: layers.DotGeneralFactory = None
+  quant: Optional[layers.Quant] = None
 
   def setup(self):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.embeddings = ViTEmbeddings(c, dot_general_cls=self.dot_general_cls, **kw)
+    mm = dict(kw, dot_general_cls=self.dot_general_cls, quant=self.quant)
+    self.embeddings = ViTEmbeddings(c, **mm)
     self.pre_norm = layers.LayerNorm(c.layer_norm_eps, **kw) if c.class_token else None
     self.layers = [layers.PreNormBlock(c.num_attention_heads, c.intermediate_size, act=c.hidden_act,
-                                       epsilon=c.layer_norm_eps,
-                                       dot_general_cls=self.dot_general_cls, **kw)
+                                       epsilon=c.layer_norm_eps, **mm)
                    for _ in range(c.num_hidden_layers)]
     self.post_norm = layers.LayerNorm(c.layer_norm_eps, **kw)
     self.head = (MAPHead(c.num_attention_heads, c.intermediate_size, c.hidden_act,
-                         c.layer_norm_eps, dot_general_cls=self.dot_general_cls, **kw)
+                         c.layer_norm_eps, **mm)
                  if c.use_head and not c.class_token else None)
     self.projection = (layers.Dense(c.projection_dim, use_bias=False, kernel_axes=("embed", "mlp"),
-                                    dot_general_cls=self.dot_general_cls, **kw)
+                                    **mm)
                        if c.projection_dim else None)
 
   def __call__(self, pixels: Array) -> EncoderOutput:
@@ -310,7 +309,7 @@ def hf_rules(config: ViTConfig) -> list:
     tower = "vision_model."
   emb = tower + "embeddings."
   rules.append(Rule(emb + "patch_embedding.weight", ("embeddings", "patch_embedding", "kernel"),
-                    "conv2d"))
+                    "conv2d", window=(c.patch_size, c.patch_size)))
   if not c.class_token:
     rules.append(Rule(emb + "patch_embedding.bias", ("embeddings", "patch_embedding", "bias")))
   else:
@@ -348,12 +347,13 @@ def dummy_inputs(module: ViT) -> tuple:
 
 def _builder(family: str):
   def build(hf_config: dict, dtype=jnp.float32, param_dtype=jnp.float32,
-            dot_general_cls=None) -> ViT:
+            dot_general_cls=None, quant=None) -> ViT:
     try:
       config = ViTConfig.from_hf(hf_config, family=family)
     except (ValueError, TypeError) as e:
       raise WeightsError(f"{family} config: {e}") from e
-    return ViT(config, dtype=dtype, param_dtype=param_dtype, dot_general_cls=dot_general_cls)
+    return ViT(config, dtype=dtype, param_dtype=param_dtype, dot_general_cls=dot_general_cls,
+               quant=quant)
   return build
 
 

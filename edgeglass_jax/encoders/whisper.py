@@ -198,38 +198,37 @@ def _sinusoid_init(key, shape, dtype=jnp.float32):
   return jnp.asarray(sinusoids(*shape), dtype)
 
 
-class Conv1D(nn.Module):
-  """1-D convolution over time, `x [B, T, C]` -> `[B, T_out, features]`, PyTorch padding rules.
+def conv_windows(x: Array, kernel_size: int, stride: int, padding: int) -> Array:
+  """im2col over time: `x [B, T, C]` -> `[B, T_out, kernel_size * C]` in `(tap, channel)` order,
+  zero-padded by `padding` frames on both sides, with PyTorch's
+  `T_out = (T + 2 * padding - kernel_size) // stride + 1`."""
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (0, 0)))
+  t_out = (x.shape[1] + 2 * padding - kernel_size) // stride + 1
+  if t_out < 1:
+    raise ValueError(f"{x.shape[1]} frames are too few for a kernel of {kernel_size} with "
+                     f"padding {padding}")
+  span = stride * (t_out - 1) + 1
+  taps = [xp[:, i:i + span:stride] for i in range(kernel_size)]
+  return jnp.concatenate(taps, axis=-1)
 
-  Written as one `dot_general` over the k shifted (strided) views, so the matmul is injectable
-  (int8 QAT) like every `layers.Dense`. Kernel `[k, C, features]` (`convert` kind "conv1d").
+
+class Conv1D(layers.Dense):
+  """1-D convolution over time as a `layers.Dense` on `conv_windows`' frames: `x [B, T, C]` ->
+  `[B, T_out, features]`, PyTorch's padding and stride rules.
+
+  Being a Dense, it is the same injectable matmul (and `quant` object) as every other kernel.
+  Its kernel is `[kernel_size * C, features]` with logical axes `("conv", "embed")`: HF's conv1d
+  weight `[features, C, k]` transposed to `[k, C, features]` and flattened (`convert` kind
+  "conv1d", `window=(k,)`).
   """
-  features: int
   kernel_size: int = 3
   stride: int = 1
   padding: int = 1
-  kernel_axes: Sequence[Optional[str]] = ("conv_window", "conv_in", "embed")
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  dot_general_cls: layers.DotGeneralFactory = None
+  kernel_axes: Sequence[Optional[str]] = ("conv", "embed")
 
-  @nn.compact
   def __call__(self, x: Array) -> Array:
-    k, c = self.kernel_size, x.shape[-1]
-    kernel = self.param("kernel", nn.with_logical_partitioning(layers.default_kernel_init,
-                                                               tuple(self.kernel_axes)),
-                        (k, c, self.features), self.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                           tuple(self.kernel_axes[-1:])),
-                      (self.features,), self.param_dtype)
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    xp = jnp.pad(x, ((0, 0), (self.padding, self.padding), (0, 0)))
-    t_out = (x.shape[1] + 2 * self.padding - k) // self.stride + 1
-    span = self.stride * (t_out - 1) + 1
-    windows = jnp.stack([xp[:, i:i + span:self.stride] for i in range(k)], axis=2)
-    dot_general = self.dot_general_cls() if self.dot_general_cls else jax.lax.dot_general
-    y = dot_general(windows, kernel, (((2, 3), (0, 1)), ((), ())))  # [B, T_out, features]
-    return y + jnp.asarray(bias, self.dtype)
+    return super().__call__(conv_windows(x.astype(self.dtype), self.kernel_size, self.stride,
+                                         self.padding))
 
 
 class WhisperEncoder(nn.Module):
@@ -253,6 +252,7 @@ class WhisperEncoder(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   dot_general_cls: layers.DotGeneralFactory = None
+  quant: Optional[layers.Quant] = None
 
   @nn.compact
   def __call__(self, mel: Array, mask: Optional[Array] = None) -> EncoderOutput:
@@ -264,7 +264,8 @@ class WhisperEncoder(nn.Module):
       raise ValueError(f"{mel.shape[1]} mel frames give {n_tokens} tokens, more than "
                        f"max_source_positions={cfg.max_source_positions}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    conv = functools.partial(Conv1D, cfg.d_model, dot_general_cls=self.dot_general_cls, **kw)
+    mm = dict(kw, dot_general_cls=self.dot_general_cls, quant=self.quant)
+    conv = functools.partial(Conv1D, cfg.d_model, **mm)
     gelu = layers.activation("gelu")
     x = mel.astype(self.dtype)
     if mask is not None:
@@ -284,9 +285,8 @@ class WhisperEncoder(nn.Module):
     kv_mask = pool_mask if truncate else None
     for i in range(cfg.num_layers):
       x = layers.PreNormBlock(cfg.num_heads, cfg.mlp_dim, act=cfg.activation,
-                              epsilon=cfg.layer_norm_eps, key_bias=False,
-                              dot_general_cls=self.dot_general_cls, name=f"layers_{i}",
-                              **kw)(x, kv_mask=kv_mask)
+                              epsilon=cfg.layer_norm_eps, key_bias=False, name=f"layers_{i}",
+                              **mm)(x, kv_mask=kv_mask)
     tokens = layers.LayerNorm(cfg.layer_norm_eps, name="layer_norm", **kw)(x)
     weights = (jnp.ones(tokens.shape[:2], jnp.float32) if pool_mask is None
                else pool_mask.astype(jnp.float32))
@@ -297,9 +297,9 @@ class WhisperEncoder(nn.Module):
 
 def hf_rules(module: WhisperEncoder) -> list:
   """Rules from HF `WhisperModel` names (checkpoint prefix such as "model." stripped on load)."""
-  rules = [Rule("encoder.conv1.weight", ("conv1", "kernel"), "conv1d"),
+  rules = [Rule("encoder.conv1.weight", ("conv1", "kernel"), "conv1d", window=(3,)),
            Rule("encoder.conv1.bias", ("conv1", "bias")),
-           Rule("encoder.conv2.weight", ("conv2", "kernel"), "conv1d"),
+           Rule("encoder.conv2.weight", ("conv2", "kernel"), "conv1d", window=(3,)),
            Rule("encoder.conv2.bias", ("conv2", "bias")),
            Rule("encoder.embed_positions.weight", ("embed_positions",))]
   for i in range(module.config.num_layers):
@@ -316,9 +316,9 @@ def hf_rules(module: WhisperEncoder) -> list:
 
 
 def build(cfg: dict, dtype=jnp.float32, param_dtype=jnp.float32,
-          dot_general_cls=None) -> WhisperEncoder:
+          dot_general_cls=None, quant=None) -> WhisperEncoder:
   return WhisperEncoder(WhisperEncoderConfig.from_hf(cfg), dtype=dtype, param_dtype=param_dtype,
-                        dot_general_cls=dot_general_cls)
+                        dot_general_cls=dot_general_cls, quant=quant)
 
 
 def dummy_inputs(module: WhisperEncoder) -> Tuple:

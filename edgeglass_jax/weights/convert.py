@@ -8,8 +8,9 @@ names (`flax_to_hf`) is the exact inverse of import.
 Kinds of rule (`kind`), PyTorch layout -> Flax layout:
 - "copy":    same array.
 - "linear":  `[out, in]` -> `[in, out]` (transpose).
-- "conv2d":  `[O, I, kh, kw]` -> `[kh, kw, I, O]`.
-- "conv1d":  `[O, I, k]` -> `[k, I, O]`.
+- "conv2d":  `[O, I, kh, kw]` -> `[kh * kw * I, O]`, the `layers.Dense` kernel of a conv applied
+  to flattened `(kh, kw, I)` windows (ViT patch embedding); `window=(kh, kw)`.
+- "conv1d":  `[O, I, k]` -> `[k * I, O]`, likewise for `(k, I)` windows (Whisper); `window=(k,)`.
 - "split_linear": one fused `[n*out, in]` (or `[n*out]` bias) tensor -> n Flax leaves, each
   transposed when 2-D (PyTorch's `in_proj_weight` -> query/key/value).
 """
@@ -28,17 +29,25 @@ from edgeglass_jax.weights.hf import WeightsError
 
 Path = Tuple[str, ...]
 _KINDS = ("copy", "linear", "conv2d", "conv1d", "split_linear")
+_CONV_RANK = {"conv2d": 2, "conv1d": 1}
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
+  """One HF tensor -> one Flax leaf (or several, "split_linear"); `window` is a conv kind's
+  kernel size, which the export back to HF needs to unflatten the Dense kernel."""
   hf: str
   flax: Union[Path, Tuple[Path, ...]]
   kind: str = "copy"
+  window: Tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.kind not in _KINDS:
       raise ValueError(f"rule for {self.hf}: unknown kind {self.kind!r}")
+    rank = _CONV_RANK.get(self.kind)
+    if rank is not None and len(self.window) != rank:
+      raise ValueError(f"rule for {self.hf}: kind {self.kind!r} needs window= of {rank} sizes, "
+                       f"got {self.window!r}")
 
   @property
   def targets(self) -> Tuple[Path, ...]:
@@ -49,19 +58,19 @@ def _to_flax(arr: np.ndarray, kind: str) -> np.ndarray:
   if kind == "linear":
     return arr.T if arr.ndim == 2 else arr
   if kind == "conv2d":
-    return arr.transpose(2, 3, 1, 0)
+    return arr.transpose(2, 3, 1, 0).reshape(-1, arr.shape[0])
   if kind == "conv1d":
-    return arr.transpose(2, 1, 0)
+    return arr.transpose(2, 1, 0).reshape(-1, arr.shape[0])
   return arr
 
 
-def _to_hf(arr: np.ndarray, kind: str) -> np.ndarray:
-  if kind == "linear":
+def _to_hf(arr: np.ndarray, rule: Rule) -> np.ndarray:
+  if rule.kind == "linear":
     return arr.T if arr.ndim == 2 else arr
-  if kind == "conv2d":
-    return arr.transpose(3, 2, 0, 1)
-  if kind == "conv1d":
-    return arr.transpose(2, 1, 0)
+  if rule.kind == "conv2d":
+    return arr.reshape(*rule.window, -1, arr.shape[-1]).transpose(3, 2, 0, 1)
+  if rule.kind == "conv1d":
+    return arr.reshape(*rule.window, -1, arr.shape[-1]).transpose(2, 1, 0)
   return arr
 
 
@@ -87,6 +96,10 @@ def hf_to_flax(tensors: Mapping[str, np.ndarray], rules: Sequence[Rule], expecte
                            f"into {n} equal parts")
       pieces = [p.T if p.ndim == 2 else p for p in np.split(arr, n, axis=0)]
     else:
+      rank = _CONV_RANK.get(rule.kind)
+      if rank is not None and (arr.ndim != rank + 2 or tuple(arr.shape[2:]) != rule.window):
+        raise WeightsError(f"{source}: conv tensor {rule.hf!r} has shape {tuple(arr.shape)}, "
+                           f"expected [out, in, {', '.join(map(str, rule.window))}]")
       pieces = [_to_flax(arr, rule.kind)]
     for path, piece in zip(rule.targets, pieces):
       if path not in expected_flat:
@@ -116,7 +129,7 @@ def flax_to_hf(params: Any, rules: Sequence[Rule]) -> Dict[str, np.ndarray]:
     if rule.kind == "split_linear":
       out[rule.hf] = np.concatenate([l.T if l.ndim == 2 else l for l in leaves], axis=0)
     else:
-      out[rule.hf] = _to_hf(leaves[0], rule.kind)
+      out[rule.hf] = _to_hf(leaves[0], rule)
   return out
 
 
