@@ -24,7 +24,9 @@ Each stage is its own run of the shared loop in its own workdir (resumable). Eva
 held-out split (`eval.split`): `zeroshot/{rgb|depth}/{attribute}` (and `/mean`),
 `{rgb|depth}_to_text/R@k` and `/mAP` of student embeddings against the teacher's text
 embeddings of the split's captions, the same for the teacher (`teacher/...`), and at the end
-the student's size on disk (`size/float32_MB`) and latency (`latency/b{1,32}_ms`).
+the served students (`edge_report`): float32 and int8 size on disk (`size/{float32|int8}_MB`),
+latency at batch 1 and 32 (`latency/{float32|int8}/b{B}_ms`) and the int8 model's accuracies
+(`int8/zeroshot/...`: the QAT model converted, or post-training int8 of a float student).
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ import ml_collections as mlc
 import numpy as np
 from flax import linen as nn
 
-from edgeglass_jax import evaluate, layers, losses, sharding
+from edgeglass_jax import evaluate, layers, losses, quant
 from edgeglass_jax.data import depth as depth_view
 from edgeglass_jax.data import pipeline, sources, synthetic
 from edgeglass_jax.encoders import vit
@@ -131,8 +133,7 @@ class Student(nn.Module):
 
   @nn.compact
   def __call__(self, pixels: jax.Array) -> jax.Array:
-    kw = {} if self.quant is None else {"quant": self.quant}
-    pooled = vit.ViT(self.vit_config, name="vit", **kw)(pixels).pooled
+    pooled = vit.ViT(self.vit_config, quant=self.quant, name="vit")(pixels).pooled
     z = layers.Dense(self.width, kernel_axes=("embed", "mlp"), quant=self.quant,
                      name="proj")(pooled)
     return layers.l2_normalize(z)
@@ -316,28 +317,30 @@ def load_views(teacher: Teacher, split: str) -> ViewSource:
 def make_loss_fn(student: Student, teacher: Teacher, dcfg, stage: int):
   """student_params, frozen {"teacher": params}, batch, rng -> (loss, metrics).
 
-  Stage 1: sum over views of L1(student(view), teacher(rgb)). Stage 2: sum over views of the
-  semi-hard triplet loss on the pseudo-labels, plus `stage2_distill_weight` x the stage-1 loss.
+  Stage 1: sum over views of L1(student(view), teacher(rgb)). Stage 2:
+  `stage2_triplet_weight` x the sum over views of the semi-hard triplet loss on the
+  pseudo-labels plus `stage2_distill_weight` x the stage-1 loss (triplet weight 0: plain QAT).
   """
   views = tuple(dcfg.views)
 
   def loss_fn(params, frozen, batch, rng):
     target = teacher.model.apply(frozen["teacher"], {"image/pooled": batch["teacher"]}, "image",
                                  method=align.Aligner.embed)[teacher.width]
-    rngs = {"params": rng}
+    rngs = quant.train_rngs(student, rng)
     metrics, distill, triplet = {}, 0.0, 0.0
     for view in views:
       z = student.apply(params, view_pixels(batch, view), rngs=rngs)
       d = losses.distillation_loss(z, target, "l1")
       metrics[f"l1/{view}"] = d
       distill = distill + d
-      if stage == 2:
+      if stage == 2 and dcfg.stage2_triplet_weight:
         t = losses.semi_hard_triplet_loss(z, batch["label"], dcfg.margin, dcfg.num_negatives)
         metrics[f"triplet/{view}"] = t
         triplet = triplet + t
     if stage == 1:
       return distill, metrics
-    return triplet + dcfg.stage2_distill_weight * distill, metrics
+    return (dcfg.stage2_triplet_weight * triplet + dcfg.stage2_distill_weight * distill,
+            metrics)
 
   return loss_fn
 
@@ -352,9 +355,16 @@ def _retrieval(z: np.ndarray, z_text: np.ndarray, groups: np.ndarray, prefix: st
   return {f"{prefix}/{k}": v for k, v in scores.items()}
 
 
+def student_fn(module: Student) -> Any:
+  """`(variables, pixels) -> [B, width]` jitted for `module` in its quant mode (float, QAT
+  fake-quant or SERVE)."""
+  rngs = quant.train_rngs(module, jax.random.key(0))
+  return jax.jit(lambda v, px: module.apply(v, px, rngs=rngs))
+
+
 class Evaluator:
   """Zero-shot accuracy per view and attribute and view-to-text retrieval on `eval.split`,
-  for the student (every eval) and the teacher (computed once)."""
+  for the student (every eval, or `scores_of` any serving form) and the teacher (once)."""
 
   def __init__(self, student: Student, teacher: Teacher, config, mesh):
     self.student, self.teacher, self.config, self.mesh = student, teacher, config, mesh
@@ -365,21 +375,24 @@ class Evaluator:
     self.text_pooled = text.get_batch(np.arange(len(text)), 0)["text/pooled"]
     self.labels = sources.zero_shot(teacher.config.data).labels(self.views.arrays["group"])
     self.batch_size = config.eval.batch_size
-    self.apply = jax.jit(lambda p, px: student.apply(p, px, rngs={"params": jax.random.key(0)}))
+    self.apply = student_fn(student)
+    self.z_text = layers.l2_normalize(teacher.embed(teacher.params, self.text_pooled, "text"))
     self._teacher_metrics = None
 
-  def embed(self, params, view: str) -> np.ndarray:
-    """Student embeddings `[N, width]` of one view of the eval split."""
+  def embed(self, variables, view: str, apply=None) -> np.ndarray:
+    """Student embeddings `[N, width]` of one view of the eval split (`apply` defaults to the
+    training-mode student)."""
+    apply = apply or self.apply
     out = []
     n = len(self.views)
     for start in range(0, n, self.batch_size):
       rows = np.arange(start, min(n, start + self.batch_size))
-      batch = self.views.get_batch(np.concatenate([rows, np.full(self.batch_size - len(rows),
-                                                                 rows[-1])]))
-      out.append(np.asarray(self.apply(params, view_pixels(batch, view)))[:len(rows)])
+      pad = np.full(self.batch_size - len(rows), rows[-1])
+      batch = self.views.get_batch(np.concatenate([rows, pad]))
+      out.append(np.asarray(apply(variables, view_pixels(batch, view)))[:len(rows)])
     return np.concatenate(out)
 
-  def scores(self, z_views: Dict[str, np.ndarray], z_text: np.ndarray) -> Dict[str, float]:
+  def scores(self, z_views: Dict[str, np.ndarray]) -> Dict[str, float]:
     out = {}
     groups = self.views.arrays["group"]
     for view, z in z_views.items():
@@ -389,61 +402,102 @@ class Evaluator:
         out[f"zeroshot/{view}/{task}"] = acc
         accs.append(acc)
       out[f"zeroshot/{view}/mean"] = float(np.mean(accs))
-      out.update(_retrieval(z, z_text, groups, f"{view}_to_text"))
+      out.update(_retrieval(z, self.z_text, groups, f"{view}_to_text"))
     return out
 
-  def teacher_metrics(self, frozen) -> Dict[str, float]:
+  def predictions(self, z: np.ndarray) -> Dict[str, np.ndarray]:
+    """Zero-shot class index per task `{task: int [N]}` of embeddings `z [N, width]`."""
+    return {task: np.argmax(layers.l2_normalize(z) @ p.T, axis=1)
+            for task, p in self.teacher.prompts.items()}
+
+  def scores_of(self, variables, apply=None) -> Dict[str, float]:
+    return self.scores({v: self.embed(variables, v, apply) for v in self.config.distill.views})
+
+  def teacher_metrics(self) -> Dict[str, float]:
     if self._teacher_metrics is None:
-      z_text = layers.l2_normalize(self.teacher.embed(self.teacher.params, self.text_pooled,
-                                                      "text"))
       z_rgb = self.teacher.embed(self.teacher.params, self.views.arrays["teacher"], "image")
-      self.z_text = z_text
-      self._teacher_metrics = {f"teacher/{k}": v
-                               for k, v in self.scores({"rgb": z_rgb}, z_text).items()}
+      self._teacher_metrics = {f"teacher/{k}": v for k, v in self.scores({"rgb": z_rgb}).items()}
     return self._teacher_metrics
 
   def __call__(self, params, frozen, step: int) -> Dict[str, float]:
-    metrics = dict(self.teacher_metrics(frozen))
-    z = {view: self.embed(params, view) for view in self.config.distill.views}
-    metrics.update(self.scores(z, self.z_text))
-    logging.info("step %d: zero-shot %s", step, ", ".join(
-        f"{v}: {100 * metrics[f'zeroshot/{v}/mean']:.1f}" for v in z))
+    del frozen
+    metrics = dict(self.teacher_metrics())
+    metrics.update(self.scores_of(params))
+    logging.info("step %d: zero-shot mean %s", step, ", ".join(
+        f"{v}: {100 * metrics[f'zeroshot/{v}/mean']:.1f}" for v in self.config.distill.views))
     return metrics
 
 
-def params_bytes(params) -> int:
-  """Bytes on disk of a parameter tree saved as safetensors (arrays by their own dtype)."""
+def save_float(path: str, params) -> int:
+  """Writes a float param tree to one safetensors file (keys `a/b/leaf`); returns its bytes."""
   from safetensors.numpy import save_file
-  flat = {jax.tree_util.keystr(p): np.ascontiguousarray(np.asarray(v))
-          for p, v in jax.tree_util.tree_leaves_with_path(params)}
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, "params.safetensors")
-    save_file(flat, path)
-    return os.path.getsize(path)
+  from flax import traverse_util
+  flat = {"/".join(k): np.ascontiguousarray(np.asarray(v))
+          for k, v in traverse_util.flatten_dict(nn.meta.unbox(dict(params))).items()}
+  save_file(flat, path + ".tmp")
+  os.replace(path + ".tmp", path)
+  return os.path.getsize(path)
 
 
-def latency_ms(fn, params, pixels: np.ndarray, repeats: int) -> float:
-  """Median wall time in ms of `fn(params, pixels)` (compiled and warmed up first)."""
+def latency_ms(fn, variables, pixels: np.ndarray, repeats: int) -> float:
+  """Median wall time in ms of `fn(variables, pixels)` (compiled and warmed up first)."""
   x = jnp.asarray(pixels)
-  jax.block_until_ready(fn(params, x))
+  jax.block_until_ready(fn(variables, x))
   times = []
   for _ in range(max(repeats, 1)):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(params, x))
+    jax.block_until_ready(fn(variables, x))
     times.append(time.perf_counter() - t0)
   return 1000.0 * float(np.median(times))
 
 
-def edge_metrics(student: Student, params, config) -> Dict[str, float]:
-  """`size/float32_MB` of the student's params and `latency/b{B}_ms` of one forward pass at
-  each batch `eval.latency_batches`, on this process's first device."""
-  scfg = config.student
-  fn = jax.jit(lambda p, x: student.apply(p, x, rngs={"params": jax.random.key(0)}))
-  host = jax.device_put(jax.tree.map(np.asarray, params), jax.local_devices()[0])
-  out = {"size/float32_MB": params_bytes(params) / 2**20}
-  for b in config.eval.latency_batches:
-    px = np.zeros((int(b), scfg.image_size, scfg.image_size, 3), np.float32)
-    out[f"latency/b{b}_ms"] = latency_ms(fn, host, px, config.eval.latency_repeats)
+def latencies(fn, variables, config) -> Dict[str, float]:
+  """`{"b{B}_ms": ...}` of `fn` at each batch of `eval.latency_batches`, on one device."""
+  size = int(config.student.image_size)
+  variables = jax.device_put(jax.tree.map(np.asarray, variables), jax.local_devices()[0])
+  return {f"b{b}_ms": latency_ms(fn, variables, np.zeros((int(b), size, size, 3), np.float32),
+                                 config.eval.latency_repeats)
+          for b in config.eval.latency_batches}
+
+
+def int8_serving(student: Student, variables, train_views: "ViewSource", config):
+  """(serving module, serving tree) of the student: CONVERT of its QAT params when it was
+  built with a `Quant`, post-training quantization (calibrate + CONVERT) of its float params
+  otherwise; calibrated on `quant.calibration_batches` training batches of both views."""
+  n = min(len(train_views), config.quant_eval.calibration_batches * config.eval.batch_size)
+  batches = []
+  for start in range(0, n, config.eval.batch_size):
+    batch = train_views.get_batch(np.arange(start, min(n, start + config.eval.batch_size)))
+    batches += [(view_pixels(batch, v),) for v in config.distill.views]
+  variables = {"params": variables["params"]}
+  if student.quant is None:
+    qconfig = quant.QuantConfig.from_dict(dict(config.quant, kind="int8"))
+    module, served, _ = quant.ptq(student, variables, batches, qconfig)
+    return module, served
+  cal = quant.calibrate(student, variables, batches)
+  return quant.serving_module(student), quant.convert(student, variables, cal)
+
+
+def edge_report(student: Student, params, evaluator: Evaluator, train_views: "ViewSource",
+                config, workdir: str) -> Dict[str, float]:
+  """The served forms of the trained student, written to the workdir and measured:
+  `student_float32.safetensors` (the float params; for a QAT student the float shadow weights)
+  and `student_int8.safetensors` (int8 serving tree: CONVERT after QAT, PTQ after float
+  training). Metrics: `size/{float32|int8}_MB` on disk, `latency/{float32|int8}/b{B}_ms`, and
+  the int8 model's accuracies under `int8/` (the trained model's own are unprefixed)."""
+  float_student = student.clone(quant=None)
+  out = {"size/float32_MB": save_float(os.path.join(workdir, "student_float32.safetensors"),
+                                       params) / 2**20}
+  for k, v in latencies(student_fn(float_student), params, config).items():
+    out[f"latency/float32/{k}"] = v
+  module, served = int8_serving(student, params, train_views, config)
+  out["size/int8_MB"] = quant.save_serving(os.path.join(workdir, "student_int8.safetensors"),
+                                           served) / 2**20
+  serve = student_fn(module)
+  for k, v in latencies(serve, served, config).items():
+    out[f"latency/int8/{k}"] = v
+  for k, v in evaluator.scores_of(served, serve).items():
+    out[f"int8/{k}"] = v
   return out
 
 
@@ -482,15 +536,6 @@ def curated_train(teacher: Teacher, dcfg) -> Tuple[ViewSource, Dict[str, float]]
   return views.subset(keep, label=label[keep].astype(np.int32)), stats
 
 
-def make_quant(config):
-  """The quantization object `config.quant` asks for, None for float training."""
-  mode = config.quant.mode
-  if mode in ("", "none"):
-    return None
-  from edgeglass_jax import quant
-  return quant.from_config(config.quant)
-
-
 def init_from(config, student: Student, example: jax.Array, mesh):
   """Stage 2's initial params: the final student params of stage 1's workdir, boxed like
   `student`'s init."""
@@ -508,7 +553,21 @@ def init_from(config, student: Student, example: jax.Array, mesh):
   return loop.with_logical_axes(boxed, params)
 
 
-def make_task(config, workdir: str, mesh, stats: Optional[dict] = None) -> loop.Task:
+@dataclasses.dataclass
+class Parts:
+  """What a distill run is made of: the loop's task and the pieces the end-of-run report
+  needs."""
+  task: loop.Task
+  student: Student
+  evaluator: Evaluator
+  train_views: ViewSource
+  curation: Dict[str, float]
+
+
+def build(config, workdir: str, mesh) -> Parts:
+  """The stage's teacher, curated data, student (int8 QAT when `config.quant.kind` is "int8"),
+  loss and evaluator on the run's `mesh`."""
+  del workdir
   dcfg = config.distill
   stage = int(dcfg.stage)
   if stage not in (1, 2):
@@ -523,9 +582,7 @@ def make_task(config, workdir: str, mesh, stats: Optional[dict] = None) -> loop.
     raise ValueError(f"config.student.image_size={config.student.image_size} differs from the "
                      f"teacher's images ({teacher.config.data.synthetic.image_size} px)")
   train_views, curation = curated_train(teacher, dcfg)
-  if stats is not None:
-    stats.update(curation)
-  student = build_student(config, make_quant(config) if stage == 2 else None)
+  student = build_student(config, quant.from_config(config.quant, "train"))
   example = view_pixels(train_views.get_batch(np.arange(2)), "rgb")
   train_iter = pipeline.make_train_loader(train_views, config.train.batch_size, config.seed,
                                           jax.process_index(), jax.process_count())
@@ -534,28 +591,36 @@ def make_task(config, workdir: str, mesh, stats: Optional[dict] = None) -> loop.
   else:
     start = init_from(config, student, example, mesh)
     init = lambda rng: start
-  return loop.Task(
+  evaluator = Evaluator(student, teacher, config, mesh)
+  task = loop.Task(
       init_params=init,
       loss_fn=make_loss_fn(student, teacher, dcfg, stage),
       train_iter=train_iter,
-      evaluate=Evaluator(student, teacher, config, mesh),
+      evaluate=evaluator,
       batch_ids=train_views.batch_ids,
       frozen={"teacher": teacher.params},
       frozen_source=f"{teacher.workdir} step {teacher.step}")
+  return Parts(task, student, evaluator, train_views, curation)
+
+
+def make_task(config, workdir: str, mesh) -> loop.Task:
+  return build(config, workdir, mesh).task
 
 
 def run(config, workdir: str) -> dict:
-  stats: Dict[str, float] = {}
-  captured = {}
+  """Trains (or resumes) the stage, then measures the served float32 and int8 students."""
+  parts = {}
 
-  def build(config, workdir, mesh):
-    captured["task"] = make_task(config, workdir, mesh, stats)
-    return captured["task"]
+  def make(config, workdir, mesh):
+    parts["run"] = build(config, workdir, mesh)
+    return parts["run"].task
 
-  result = loop.run(config, workdir, build)
+  result = loop.run(config, workdir, make)
   state = result.pop("state")
   result.pop("frozen", None)
-  student = build_student(config, make_quant(config) if int(config.distill.stage) == 2 else None)
-  result["metrics"].update(stats)
-  result["metrics"].update(edge_metrics(student, state.params, config))
+  p = parts["run"]
+  result["metrics"].update(p.curation)
+  if jax.process_index() == 0:
+    result["metrics"].update(edge_report(p.student, state.params, p.evaluator, p.train_views,
+                                         config, workdir))
   return result
