@@ -11,8 +11,7 @@ student, ViT-Ti/8 or ViT-S/8 on 64 px, default ti); `int8` | `fp32` (int8 QAT th
 `quant.py` on or off; on by default in stage 2 only); `tiny` (a 2-layer student of width 192
 and a few steps, for tests and notebooks: point `distill.teacher_workdir` / `teacher_config`
 at a small align run). EdgeVL's optimiser: AdamW 1e-4, cosine to 5e-6, weight decay 1e-3; the
-step counts
-are scaled down for a 2-core CPU.
+step counts are scaled down for a 2-core CPU.
 """
 from edgeglass_jax import configs
 
