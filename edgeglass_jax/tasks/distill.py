@@ -51,6 +51,7 @@ from edgeglass_jax.encoders import vit
 from edgeglass_jax.tasks import align, loop
 
 VIEWS = ("rgb", "depth")
+STUDENT_SPEC = "student.json"
 # ViT-Ti/S (DeiT): width, MLP width, layers, heads.
 STUDENTS = {"ti": (192, 768, 12, 3), "s": (384, 1536, 12, 6)}
 
@@ -486,6 +487,11 @@ def edge_report(student: Student, params, evaluator: Evaluator, train_views: "Vi
   training). Metrics: `size/{float32|int8}_MB` on disk, `latency/{float32|int8}/b{B}_ms`, and
   the int8 model's accuracies under `int8/` (the trained model's own are unprefixed)."""
   float_student = student.clone(quant=None)
+  spec = {"vit": dataclasses.asdict(student.vit_config), "width": student.width,
+          "quant": dict(config.quant, kind="int8")}
+  with open(os.path.join(workdir, STUDENT_SPEC + ".tmp"), "w") as f:
+    json.dump(spec, f, indent=1, sort_keys=True)
+  os.replace(os.path.join(workdir, STUDENT_SPEC + ".tmp"), os.path.join(workdir, STUDENT_SPEC))
   out = {"size/float32_MB": save_float(os.path.join(workdir, "student_float32.safetensors"),
                                        params) / 2**20}
   for k, v in latencies(student_fn(float_student), params, config).items():
@@ -503,6 +509,34 @@ def edge_report(student: Student, params, evaluator: Evaluator, train_views: "Vi
 
 # --------------------------------------------------------------------------------------------
 # The task.
+
+
+def load_student(workdir: str):
+  """The served students a distill run wrote: `(float module, float variables, int8 serving
+  module, int8 serving tree)`; the trees checked against the modules (a named error when they
+  belong to another architecture)."""
+  path = os.path.join(workdir, STUDENT_SPEC)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} does not exist: the distill run in {workdir} has not "
+                            "finished")
+  with open(path) as f:
+    spec = json.load(f)
+  float_student = Student(vit.ViTConfig(**spec["vit"]), int(spec["width"]))
+  size = float_student.vit_config.image_size
+  example = (jnp.zeros((1, size, size, 3), jnp.float32),)
+  from safetensors.numpy import load_file
+  from flax import traverse_util
+  flat = load_file(os.path.join(workdir, "student_float32.safetensors"))
+  variables = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v)
+                                            for k, v in flat.items()})
+  want = quant.expected_trees(float_student.clone(quant=quant.int8()), example)
+  quant.check_tree({"params": variables["params"]}, {"params": want["params"]},
+                   "student_float32.safetensors")
+  int8_student = quant.serving_module(
+      float_student.clone(quant=quant.from_config(spec["quant"], "train")))
+  served = quant.load_serving(os.path.join(workdir, "student_int8.safetensors"), int8_student,
+                              example)
+  return float_student, variables, int8_student, served
 
 
 def build_student(config, quant=None) -> Student:
