@@ -11,7 +11,8 @@ Inputs are what the feature cache holds per modality: `pooled [B, D_in]` and, wh
 
 Logical axes: the adapter's residual width is "embed"; the frozen feature axis, MLP hidden units
 and head outputs are "mlp", so every kernel has one fsdp- and one tensor-shardable axis; the
-Perceiver's latents are "latents". Every Dense takes `dot_general_cls` (int8 QAT is a switch).
+Perceiver's latents are "latents". Every module takes `quant` (`quant.py`: int8 QAT and serving
+are a switch) and passes it to each Dense and attention; `dot_general_cls` still works.
 """
 from __future__ import annotations
 
@@ -116,13 +117,14 @@ class ResidualMLPBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dot_general_cls: DotGeneralFactory = None
+  quant: Optional[layers.Quant] = None
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = layers.LayerNorm(name="norm", **kw)(x)
-    h = layers.MLP(self.mlp_dim, act="gelu", dot_general_cls=self.dot_general_cls, name="mlp",
-                   **kw)(h)
+    h = layers.MLP(self.mlp_dim, act="gelu", dot_general_cls=self.dot_general_cls,
+                   quant=self.quant, name="mlp", **kw)(h)
     return x + nn.Dropout(self.dropout)(h, deterministic=deterministic)
 
 
@@ -145,10 +147,11 @@ class MLPProjector(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dot_general_cls: DotGeneralFactory = None
+  quant: Optional[layers.Quant] = None
 
   def _dense(self, features, axes, name):
     return layers.Dense(features, kernel_axes=axes, dtype=self.dtype, param_dtype=self.param_dtype,
-                        dot_general_cls=self.dot_general_cls, name=name)
+                        dot_general_cls=self.dot_general_cls, quant=self.quant, name=name)
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
@@ -158,7 +161,7 @@ class MLPProjector(nn.Module):
     if self.style == "freeze_align":
       out = self.out or self.hidden
       h = layers.MLP(self.hidden, out_features=out, act="gelu",
-                     dot_general_cls=self.dot_general_cls, name="mlp", **kw)(x)
+                     dot_general_cls=self.dot_general_cls, quant=self.quant, name="mlp", **kw)(x)
       h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
       return self._dense(out, ("mlp", "embed"), "skip")(x) + h
     if self.in_proj:
@@ -168,8 +171,8 @@ class MLPProjector(nn.Module):
                        f"hidden={self.hidden} wide")
     for i in range(self.depth):
       x = ResidualMLPBlock(self.mlp_ratio * self.hidden, self.dropout,
-                           dot_general_cls=self.dot_general_cls, name=f"block{i}", **kw)(
-                               x, deterministic)
+                           dot_general_cls=self.dot_general_cls, quant=self.quant,
+                           name=f"block{i}", **kw)(x, deterministic)
     x = layers.LayerNorm(name="norm", **kw)(x)
     if self.out is None:
       return x
@@ -192,6 +195,7 @@ class PerceiverResampler(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dot_general_cls: DotGeneralFactory = None
+  quant: Optional[layers.Quant] = None
 
   @nn.compact
   def __call__(self, tokens: Array, token_mask: Optional[Array] = None) -> Array:
@@ -204,7 +208,7 @@ class PerceiverResampler(nn.Module):
       raise ValueError(f"PerceiverResampler: width {self.width} is not a multiple of num_heads "
                        f"{self.num_heads}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    dg = dict(dot_general_cls=self.dot_general_cls)
+    dg = dict(dot_general_cls=self.dot_general_cls, quant=self.quant)
     # No key biases: softmax ignores a per-query constant, so they would get zero gradient.
     latents = self.param("latents", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), ("latents", "embed")), (self.num_latents, self.width),
@@ -241,13 +245,14 @@ class TokenCompressor(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dot_general_cls: DotGeneralFactory = None
+  quant: Optional[layers.Quant] = None
 
   @nn.compact
   def __call__(self, tokens: Array) -> Array:
     x = space_to_depth(tokens, self.factor, self.has_cls)
     return layers.Dense(self.out, kernel_axes=("mlp", "embed"), dtype=self.dtype,
                         param_dtype=self.param_dtype, dot_general_cls=self.dot_general_cls,
-                        name="proj")(x)
+                        quant=self.quant, name="proj")(x)
 
   def compress_mask(self, token_mask: Array) -> Array:
     """`[B, N]` -> `[B, (g/f)^2]`: a compressed token is valid when any of its tokens is."""
@@ -274,6 +279,7 @@ class MatryoshkaHead(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dot_general_cls: DotGeneralFactory = None
+  quant: Optional[layers.Quant] = None
 
   def __post_init__(self):
     _check_widths(self.widths)
@@ -286,7 +292,7 @@ class MatryoshkaHead(nn.Module):
   def _dense(self, features, name):
     return layers.Dense(features, use_bias=self.use_bias, kernel_axes=("embed", "mlp"),
                         dtype=self.dtype, param_dtype=self.param_dtype,
-                        dot_general_cls=self.dot_general_cls, name=name)
+                        dot_general_cls=self.dot_general_cls, quant=self.quant, name=name)
 
   @nn.compact
   def __call__(self, x: Array) -> Dict[int, Array]:
@@ -370,6 +376,7 @@ class ModalityAdapter(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dot_general_cls: DotGeneralFactory = None
+  quant: Optional[layers.Quant] = None
 
   def _check_inputs(self, pooled, tokens, token_mask):
     kind = self.config.kind
@@ -400,7 +407,7 @@ class ModalityAdapter(nn.Module):
     cfg = self.config
     self._check_inputs(pooled, tokens, token_mask)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-              dot_general_cls=self.dot_general_cls)
+              dot_general_cls=self.dot_general_cls, quant=self.quant)
     projector = dict(hidden=cfg.hidden, depth=cfg.depth, dropout=cfg.dropout,
                      mlp_ratio=cfg.mlp_ratio, style=cfg.style, name="projector", **kw)
     if cfg.kind == "mlp":

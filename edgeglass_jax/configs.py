@@ -96,6 +96,12 @@ def adapter(kind="mlp", hidden=256, depth=2, num_latents=32, num_heads=4, factor
                              num_heads=num_heads, factor=factor))
 
 
+def quant(kind="none", backward=False, attention=True, backend="aqt"):
+  """`quant.QuantConfig` fields: kind "none" | "int8" (QAT of every matmul of the model),
+  backward (8-bit gradients too), attention (int8 attention einsums), backend ("aqt")."""
+  return mlc.ConfigDict(dict(kind=kind, backward=backward, attention=attention, backend=backend))
+
+
 def align(widths=(256, 128, 64, 32), steps=600, batch_size=256, learning_rate=1e-3):
   """Model, loss, train and eval sections of an `align` config."""
   config = mlc.ConfigDict()
@@ -110,5 +116,6 @@ def align(widths=(256, 128, 64, 32), steps=600, batch_size=256, learning_rate=1e
       b2=0.999, clip_norm=1.0, frozen="", log_every=50, eval_every=0, checkpoint_every=200,
       keep=3, keep_best_metric="", keep_best=1, best_mode="max", async_checkpoint=True, max_nonfinite=20)
   config.eval = dict(splits=("val", "test"), batch_size=256)
+  config.quant = quant()
   config.axis_rules = ()
   return config

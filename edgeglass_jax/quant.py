@@ -27,12 +27,13 @@ Modes of a `Quant`: "train" (QAT; fake-quant forward, float kernels are the trai
 "serve" (kernels read from the collection; `layers.Dense` creates no float kernel, no rng).
 SERVE output equals TRAIN output on the same weights bitwise.
 
-Calibration (`calibrate`) runs the float model on representative batches and records, per
-quantized matmul, the largest input magnitude seen. Weights need no data (their scales come
+Calibration (`calibrate`) runs the model on representative batches (float matmuls) and records,
+per quantized matmul, the largest input magnitude seen. Weights need no data (their scales come
 from the kernels) and activations are scaled per token at run time, so the ranges are a report
-(`Calibration.summary`) and a coverage check: `convert` needs a `Calibration` and refuses when
-its batches leave a matmul of the model unreached (that layer would have no int8 weights). Its
-batches are also the representative dataset of the TFLite export (`export.py`).
+(`Calibration.summary`, e.g. to spot outlier layers); `convert` needs a `Calibration`, runs
+CONVERT on its first batch and refuses when that pass leaves a kernel of the params unreached
+(that layer would have no int8 weights). Its batches are also the representative dataset of the
+TFLite export (`export.py`).
 
 Post-training quantization (`ptq`) is the same CONVERT on a float-trained model without QAT.
 
@@ -415,17 +416,22 @@ def convert(module: nn.Module, variables: Mapping[str, Any],
         "quant.calibrate(module, variables, batches) on representative inputs first")
   example, method = calibration.example, calibration.method
   train_tree = expected_trees(module, example, method, "train")
+  given, want = _flat(variables["params"]), _flat(train_tree["params"])
+  extra = sorted(set(given) - set(want))
+  unreached = sorted({p[:-1] for p in extra if p[-1] == "kernel"})
+  if unreached:
+    raise CalibrationError(
+        f"the calibration batches (method={method!r}) never reached {len(unreached)} matmuls "
+        f"of these params, e.g. {['/'.join(p) for p in unreached[:3]]}: they would get no int8 "
+        "weights; calibrate on batches that exercise every layer (e.g. every modality)")
+  if extra:
+    raise ArchitectureMismatchError(
+        f"variables['params'] does not fit this architecture: unexpected "
+        f"{['/'.join(p) for p in extra[:3]]}")
   check_tree({"params": variables["params"]}, {"params": train_tree["params"]},
              "variables['params']")
   serve_tree = expected_trees(module, example, method, "serve")
   collection = q.collection
-  want = set(q.backend.converted_kernels(serve_tree.get(collection, {})))
-  unreached = sorted(want - set(calibration.input_absmax))
-  if unreached:
-    raise CalibrationError(
-        f"the calibration batches never reached {len(unreached)} quantized matmuls, e.g. "
-        f"{['/'.join(p) for p in unreached[:3]]}; calibrate on batches that exercise every "
-        "layer (e.g. every modality)")
   conv = in_mode(module, "convert")
   params = {"params": variables["params"]}
   converted = jax.jit(lambda p, *a: conv.apply(p, *a, method=method,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from edgeglass_jax import adapters, evaluate, losses, sharding
+from edgeglass_jax import adapters, evaluate, losses, quant, sharding
 from edgeglass_jax.data import pipeline, sources
 from edgeglass_jax.tasks import extract, loop
 
@@ -28,6 +28,7 @@ class Aligner(nn.Module):
   "{m}/token_mask" [B, N_m]}` to `(z, pairs)`: `z = {m: {width: [B, width]}}` (each
   L2-normalised) and `pairs = {"a_b": {"t_prime": [], "b": []}}`, the model's own logit scale and
   bias per trained pair (big_vision two_towers), so a loss never reads parameter paths.
+  `quant` (`quant.from_config(config.quant)`) makes every adapter matmul int8 (QAT).
   """
   adapter_configs: Tuple[Tuple[str, adapters.AdapterConfig], ...]
   widths: Tuple[int, ...]
@@ -37,11 +38,13 @@ class Aligner(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   dot_general_cls: object = None
+  quant: object = None
 
   def setup(self):
     self.towers = {m: adapters.ModalityAdapter(cfg, widths=self.widths, mrl_e=self.mrl_e,
                                                dtype=self.dtype, param_dtype=self.param_dtype,
-                                               dot_general_cls=self.dot_general_cls, name=m)
+                                               dot_general_cls=self.dot_general_cls,
+                                               quant=self.quant, name=m)
                    for m, cfg in self.adapter_configs}
     self.pair_params = self.param(
         "pairs", lambda _: losses.init_pair_params([losses.pair_name(*p) for p in self.pairs],
@@ -62,11 +65,14 @@ def build_model(config, feature_dims=None) -> Aligner:
   pairs = losses.resolve_pairs(lcfg.pairs if lcfg.pairs in ("all", "hub") else
                                tuple(lcfg.pairs), lcfg.hub, modalities=mods)
   return Aligner(configs, tuple(sorted(mcfg.widths, reverse=True)), mcfg.mrl_e, pairs,
-                 lcfg.kind, dtype=jnp.dtype(mcfg.dtype))
+                 lcfg.kind, dtype=jnp.dtype(mcfg.dtype),
+                 quant=quant.from_config(config.get("quant"), "train"))
 
 
 def make_loss_fn(model: Aligner, config, mesh=None):
   """params, batch, rng -> (loss, metrics): MRL sum over widths of pair losses (+ cycle).
+
+  `rng` feeds the int8 gradients' stochastic rounding when `config.quant.backward` is set.
 
   With `config.loss.ring` (sigmoid only) each pair loss is the ring version under `shard_map`
   over the batch axes of `mesh`: no device materialises the global `[N, N]` logits.
@@ -84,8 +90,7 @@ def make_loss_fn(model: Aligner, config, mesh=None):
   use_cycle = lcfg.cycle_weight > 0 and set(mods) >= {"image", "audio", "text"}
 
   def loss_fn(params, batch, rng):
-    del rng
-    z, pair_params = model.apply(params, batch)
+    z, pair_params = model.apply(params, batch, rngs=quant.train_rngs(model, rng))
     present = {m: batch[f"{m}/valid"] for m in mods}
 
     def at_width(zw):
@@ -165,8 +170,10 @@ class Evaluator:
     self.tasks = sources.zero_shot(config.data)
     self.prompts = None if self.tasks is None else prompt_features(config, feature_dir, mesh,
                                                                    self.tasks.prompts)
+    rngs = quant.train_rngs(model, jax.random.key(0))  # int8 gradients' rounding: unused here
     self.embed_text = jax.jit(lambda p, pooled: model.apply(
-        p, {"text/pooled": pooled}, "text", method=Aligner.embed))
+        p, {"text/pooled": pooled}, "text", method=Aligner.embed, rngs=rngs))
+    self.rngs = rngs
 
   def zero_shot(self, params, z, present, groups) -> Dict[str, float]:
     """Accuracy of classifying each task's classes from image/audio embeddings by text prompts."""
@@ -185,7 +192,7 @@ class Evaluator:
   def _embed_batch(self, params, batch):
     """Embeddings and row bookkeeping of one global batch, replicated to every process."""
     keys = ["mask", "group"] + [f"{m}/valid" for m in self.config.modalities]
-    return self.model.apply(params, batch)[0], {k: batch[k] for k in keys}
+    return self.model.apply(params, batch, rngs=self.rngs)[0], {k: batch[k] for k in keys}
 
   def embed(self, params, split: str):
     mods = tuple(self.config.modalities)
