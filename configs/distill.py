@@ -35,8 +35,7 @@ def get_config(arg: str = ""):
   config.student = dict(size="s" if "s" in words else "ti", patch_size=8, image_size=64,
                         layers=2 if tiny else 0)
   qat = (stage == 2 or "int8" in words) and "fp32" not in words
-  config.quant = dict(kind="int8" if qat else "none",
-                      backward=False, attention=True, backend="aqt")
+  config.quant = configs.quant(kind="int8" if qat else "none")
   config.quant_eval = dict(calibration_batches=2 if tiny else 8)
   steps = 8 if tiny else (400 if stage == 1 else 200)
   config.train = dict(
