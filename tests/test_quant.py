@@ -233,3 +233,20 @@ def test_int8_generate_on_a_tiny_llama():
   assert out == seq[ids.shape[1]:]
   hlo = jax.jit(lambda p, i: int8_lm.apply(p, i)).lower(served, ids).as_text()
   assert hlo.count("xi8>") >= 2 * LLAMA.num_hidden_layers * 7
+
+
+def test_int8_dinov2_serves_what_it_trains():
+  """An encoder of the library (patch embedding, attention, MLP: all Dense) through the same
+  TRAIN -> CONVERT -> SERVE path."""
+  from edgeglass_jax.encoders import dinov2
+  module = dinov2.Dinov2(dinov2.Dinov2Config(image_size=28, patch_size=7, hidden_size=32,
+                                             num_hidden_layers=2, num_attention_heads=4,
+                                             mlp_ratio=2), quant=quant.int8())
+  pixels = np.random.default_rng(0).normal(size=(2, 28, 28, 3)).astype(np.float32)
+  variables = module.init(jax.random.key(0), pixels)
+  served = quant.convert(module, variables, quant.calibrate(module, variables, [pixels]))
+  assert not [p for p in traverse_util.flatten_dict(served["params"]) if p[-1] == "kernel"]
+  train = module.apply(variables, pixels)
+  serve = quant.serving_module(module).apply(served, pixels)
+  np.testing.assert_array_equal(np.asarray(serve.tokens), np.asarray(train.tokens))
+  np.testing.assert_array_equal(np.asarray(serve.pooled), np.asarray(train.pooled))
