@@ -125,13 +125,18 @@ def test_stage1_resume_is_a_no_op(stage1, teacher):
                              stage1[0]["metrics"]["zeroshot/rgb/mean"])
 
 
-def test_stage2_int8_qat_from_stage1(stage1, teacher, tmp_path):
+@pytest.fixture(scope="module")
+def stage2(stage1, teacher, tmp_path_factory):
   config = make_config(teacher, "tiny,stage2", init_workdir=stage1[1])
+  workdir = str(tmp_path_factory.mktemp("stage2"))
+  return config, entry.run(config, workdir), workdir
+
+
+def test_stage2_int8_qat_from_stage1(stage1, stage2, tmp_path):
+  config, result, _ = stage2
   assert config.quant.kind == "int8"
-  mesh_cfg = config.mesh
   from edgeglass_jax import sharding
-  mesh = sharding.make_mesh(mesh_cfg)
-  parts = distill.build(config, str(tmp_path), mesh)
+  parts = distill.build(config, str(tmp_path), sharding.make_mesh(config.mesh))
   start = parts.task.init_params(jax.random.key(0))
   stage1_params = load_file(os.path.join(stage1[1], "student_float32.safetensors"))
   from flax import linen as nn, traverse_util
@@ -139,13 +144,53 @@ def test_stage2_int8_qat_from_stage1(stage1, teacher, tmp_path):
   assert {"/".join(k) for k in flat} == set(stage1_params)
   for k, v in flat.items():
     np.testing.assert_array_equal(np.asarray(v), stage1_params["/".join(k)])
-  result = entry.run(config, str(tmp_path))
   m = result["metrics"]
   assert result["step"] == 8 and "train/triplet/rgb" in m
   # The QAT model converted to int8 serves what it was evaluated as in training (SERVE == TRAIN).
   for view in ("rgb", "depth"):
     assert m[f"int8/zeroshot/{view}/mean"] == m[f"zeroshot/{view}/mean"]
     assert m[f"int8/{view}_to_text/mAP"] == pytest.approx(m[f"{view}_to_text/mAP"], abs=1e-6)
+
+
+def test_export_int8_student(stage2, tmp_path):
+  """StableHLO equals the JAX int8 student bitwise; the full-int8 TFLite model predicts the
+  same zero-shot class (4 attributes) for >= 98% of the images of both views."""
+  pytest.importorskip("ai_edge_litert", reason="running .tflite files needs ai-edge-litert")
+  import subprocess
+  import sys
+  from edgeglass_jax import export, sharding
+  from tiny import user_env
+  config, _, workdir = stage2
+  assert distill.export_spec(f"{workdir},1").example[0].shape == (1, 32, 32, 3)
+  spec = distill.export_spec(workdir)
+  t = distill.load_teacher(config.distill, sharding.make_mesh(config.mesh))
+  batches = [distill.load_views(t, s).get_batch(np.arange(n)) for s, n in (("train", 48),
+                                                                             ("test", 16))]
+  x = np.concatenate([np.asarray(distill.view_pixels(b, v)) for b in batches
+                      for v in ("rgb", "depth")])
+  assert x.shape == (128, 32, 32, 3)
+  module, served = spec.module, spec.variables
+  jax_int8 = np.asarray(jax.jit(lambda x: module.apply(served, x))(x))
+  path = str(tmp_path / "student.stablehlo")
+  exported = export.export_stablehlo(module, served, (x,), path)
+  assert export.int8_dot_count(exported) > 0
+  np.testing.assert_array_equal(np.asarray(export.StableHLORunner(path)(x)[0]), jax_int8)
+  calib = np.load(os.path.join(workdir, "calibration.npz"))["pixels"]
+  representative = [(np.concatenate([calib, calib[::-1]]),)]
+  tfl = str(tmp_path / "student.tflite")
+  export.export_tflite(module, served, (x,), tfl, representative=representative)
+  np.save(tmp_path / "x.npy", x)
+  run = subprocess.run([sys.executable, "-m", "edgeglass_jax.export", "run", tfl,
+                        f"--input={tmp_path / 'x.npy'}", f"--output={tmp_path / 'y.npz'}"],
+                       cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  z_tfl = np.load(tmp_path / "y.npz")["arr_0"]
+  agree = [np.argmax(z_tfl @ p.T, 1) == np.argmax(jax_int8 @ p.T, 1) for p in t.prompts.values()]
+  rate = float(np.mean(agree))
+  rel = np.linalg.norm(z_tfl - jax_int8, axis=1) / np.linalg.norm(jax_int8, axis=1)
+  print(f"TFLite vs JAX int8 student: same class {rate:.3f}, rel L2 mean {rel.mean():.4f} "
+        f"max {rel.max():.4f}")
+  assert rate >= 0.98, rate
 
 
 def test_named_errors(teacher, stage1, tmp_path):

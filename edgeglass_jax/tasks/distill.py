@@ -52,6 +52,8 @@ from edgeglass_jax.tasks import align, loop
 
 VIEWS = ("rgb", "depth")
 STUDENT_SPEC = "student.json"
+CALIBRATION_FILE = "calibration.npz"  # student inputs of both views: export's representative set
+CALIBRATION_IMAGES = 64
 # ViT-Ti/S (DeiT): width, MLP width, layers, heads.
 STUDENTS = {"ti": (192, 768, 12, 3), "s": (384, 1536, 12, 6)}
 
@@ -484,7 +486,8 @@ def edge_report(student: Student, params, evaluator: Evaluator, train_views: "Vi
   """The served forms of the trained student, written to the workdir and measured:
   `student_float32.safetensors` (the float params; for a QAT student the float shadow weights)
   and `student_int8.safetensors` (int8 serving tree: CONVERT after QAT, PTQ after float
-  training). Metrics: `size/{float32|int8}_MB` on disk, `latency/{float32|int8}/b{B}_ms`, and
+  training), plus `calibration.npz` (`pixels [64, H, W, 3]`, training inputs of both views,
+  the representative set of a TFLite export). Metrics: `size/{float32|int8}_MB` on disk, `latency/{float32|int8}/b{B}_ms`, and
   the int8 model's accuracies under `int8/` (the trained model's own are unprefixed)."""
   float_student = student.clone(quant=None)
   spec = {"vit": dataclasses.asdict(student.vit_config), "width": student.width,
@@ -497,6 +500,11 @@ def edge_report(student: Student, params, evaluator: Evaluator, train_views: "Vi
   for k, v in latencies(student_fn(float_student), params, config).items():
     out[f"latency/float32/{k}"] = v
   module, served = int8_serving(student, params, train_views, config)
+  sample = train_views.get_batch(np.arange(min(len(train_views), CALIBRATION_IMAGES // 2)))
+  pixels = np.concatenate([np.asarray(view_pixels(sample, v)) for v in config.distill.views])
+  np.savez(os.path.join(workdir, CALIBRATION_FILE + ".tmp.npz"), pixels=pixels)
+  os.replace(os.path.join(workdir, CALIBRATION_FILE + ".tmp.npz"),
+             os.path.join(workdir, CALIBRATION_FILE))
   out["size/int8_MB"] = quant.save_serving(os.path.join(workdir, "student_int8.safetensors"),
                                            served) / 2**20
   serve = student_fn(module)
@@ -537,6 +545,25 @@ def load_student(workdir: str):
   served = quant.load_serving(os.path.join(workdir, "student_int8.safetensors"), int8_student,
                               example)
   return float_student, variables, int8_student, served
+
+
+def export_spec(arg: str):
+  """`export.py`'s factory for a distill run's int8 student: `arg` is `WORKDIR[,BATCH]`
+  (default batch 1); the representative set is the run's `calibration.npz`.
+
+    python -m edgeglass_jax.export export --factory=edgeglass_jax.tasks.distill:export_spec \
+        --arg=runs/distill/s2,1 --out=runs/distill/s2/export
+  """
+  from edgeglass_jax import export
+  workdir, _, batch = arg.partition(",")
+  batch = int(batch or 1)
+  _, _, module, served = load_student(workdir)
+  pixels = np.load(os.path.join(workdir, CALIBRATION_FILE))["pixels"]
+  if len(pixels) < batch:
+    raise ValueError(f"{workdir}/{CALIBRATION_FILE} holds {len(pixels)} images, fewer than "
+                     f"the export batch {batch}")
+  representative = [(pixels[i:i + batch],) for i in range(0, len(pixels) - batch + 1, batch)]
+  return export.ExportSpec(module, served, representative[0], representative)
 
 
 def build_student(config, quant=None) -> Student:
