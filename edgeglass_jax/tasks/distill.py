@@ -34,9 +34,8 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +45,7 @@ from flax import linen as nn
 
 from edgeglass_jax import evaluate, layers, losses, quant
 from edgeglass_jax.data import depth as depth_view
-from edgeglass_jax.data import pipeline, sources, synthetic
+from edgeglass_jax.data import pipeline, sources
 from edgeglass_jax.encoders import vit
 from edgeglass_jax.tasks import align, loop
 
