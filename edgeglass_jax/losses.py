@@ -7,7 +7,7 @@ that are present: a masked example drops out as a query (row) and as a candidate
 means are taken over the valid rows. Computation runs in float32 (float64 when given float64).
 
 The contrastive losses take L2-normalised embeddings (the adapters' heads normalise); only
-`matryoshka_loss`, `distillation_loss` and `triplet_loss` normalise by themselves, because they
+`matryoshka_loss`, `distillation_loss` and `semi_hard_triplet_loss` normalise by themselves, because they
 truncate or compare raw outputs.
 """
 from __future__ import annotations
@@ -442,36 +442,51 @@ def distillation_loss(student: Array, teacher: Array, kind: str = "l1",
   return jnp.sum(jnp.where(valid, per_row, 0.0)) / count
 
 
-def triplet_loss(z: Array, labels: Array, margin: float = 0.3, num_negatives: int = 3,
-                 mask: Optional[Array] = None) -> Array:
+def semi_hard_triplets(dist: Array, labels: Array, margin: float = 0.3, num_negatives: int = 3,
+                       mask: Optional[Array] = None) -> Tuple[Array, Array]:
+  """EdgeVL's triplet mining on a distance matrix `dist [N, N]` with `labels [N]` int.
+
+  Returns `(positive [N] int, negatives [N, N] bool)`: for anchor i, `positive[i]` is the nearest
+  other valid sample with its label (distance d_p), and row i of `negatives` marks the first
+  `num_negatives` valid samples (in index order) of another label with d_p < d_n < d_p + margin.
+  Anchors without a positive or without such a negative get an all-False row (they drop out).
+  """
+  n = dist.shape[0]
+  labels = jnp.asarray(labels)
+  if dist.shape != (n, n) or labels.shape != (n,):
+    raise ValueError(f"semi_hard_triplets: dist must be [N, N] and labels [N], got "
+                     f"{dist.shape} and {labels.shape}")
+  valid = _mask_or_ones(mask, n)
+  pair = valid[:, None] & valid[None, :]
+  same = (labels[:, None] == labels[None, :]) & pair & ~jnp.eye(n, dtype=bool)
+  diff = (labels[:, None] != labels[None, :]) & pair
+  positive = jnp.argmin(jnp.where(same, dist, jnp.inf), axis=1)
+  has_pos = jnp.any(same, axis=1)
+  d_p = jnp.take_along_axis(dist, positive[:, None], axis=1)
+  semi_hard = diff & (dist > d_p) & (dist < d_p + margin) & has_pos[:, None]
+  return positive, semi_hard & (jnp.cumsum(semi_hard, axis=1) <= num_negatives)
+
+
+def semi_hard_triplet_loss(z: Array, labels: Array, margin: float = 0.3,
+                           num_negatives: int = 3, mask: Optional[Array] = None) -> Array:
   """EdgeVL stage-2 triplet loss on `z [N, D]` (L2-normalised here), `labels [N]` int.
 
-  d = Euclidean distance. For anchor i: positive = nearest other sample with the same label
-  (distance d_p); negatives = samples of another label with d_p < d_n < d_p + margin
-  (semi-hard), the first `num_negatives` in batch order. Each triplet costs
-  max(d_p - d_n + margin, 0); the loss is the mean over all chosen triplets. Anchors without
-  a positive or without a semi-hard negative drop out; 0 when no triplet exists. Mining sees
-  the values only; gradients flow through the chosen distances.
+  d = Euclidean distance; triplets from `semi_hard_triplets` (positive = nearest same-label
+  sample, up to `num_negatives` semi-hard negatives d_p < d_n < d_p + margin). Each triplet costs
+  max(d_p - d_n + margin, 0); the loss is the mean over all chosen triplets, 0 when none exists.
+  Mining sees the values only; gradients flow through the chosen distances.
   """
   z = l2_normalize(z)
   n = z.shape[0]
   labels = jnp.asarray(labels)
   if labels.shape != (n,):
-    raise ValueError(f"triplet_loss: labels must be [N] = [{n}], got {labels.shape}")
-  valid = _mask_or_ones(mask, n)
+    raise ValueError(f"semi_hard_triplet_loss: labels must be [N] = [{n}], got {labels.shape}")
   sq = jnp.sum(jnp.square(z), -1)
   d2 = sq[:, None] + sq[None, :] - 2.0 * (z @ z.T)
   dist = jnp.sqrt(jnp.maximum(d2, 1e-12))
-  pair = valid[:, None] & valid[None, :]
-  same = (labels[:, None] == labels[None, :]) & pair & ~jnp.eye(n, dtype=bool)
-  diff = (labels[:, None] != labels[None, :]) & pair
-  d_sel = jax.lax.stop_gradient(dist)
-  pos_idx = jnp.argmin(jnp.where(same, d_sel, jnp.inf), axis=1)
-  has_pos = jnp.any(same, axis=1)
-  d_p = jnp.take_along_axis(dist, pos_idx[:, None], axis=1)
-  d_p_sel = jax.lax.stop_gradient(d_p)
-  semi_hard = diff & (d_sel > d_p_sel) & (d_sel < d_p_sel + margin) & has_pos[:, None]
-  chosen = semi_hard & (jnp.cumsum(semi_hard, axis=1) <= num_negatives)
+  positive, chosen = semi_hard_triplets(jax.lax.stop_gradient(dist), labels, margin,
+                                        num_negatives, mask)
+  d_p = jnp.take_along_axis(dist, positive[:, None], axis=1)
   per_triplet = jnp.where(chosen, jax.nn.relu(d_p - dist + margin), 0.0)
   return jnp.sum(per_triplet) / jnp.maximum(jnp.sum(chosen), 1).astype(z.dtype)
 

@@ -15,7 +15,7 @@ sigmoid_loss = jax.jit(L.sigmoid_loss)
 softmax_loss = jax.jit(L.softmax_contrastive_loss)
 cycle_loss = jax.jit(L.cycle_loss)
 cyclip_loss = jax.jit(L.cyclip_loss, static_argnames=("batch_scaled",))
-triplet_loss = jax.jit(L.triplet_loss, static_argnames=("num_negatives",))
+triplet_loss = jax.jit(L.semi_hard_triplet_loss, static_argnames=("num_negatives",))
 distillation_loss = jax.jit(L.distillation_loss, static_argnames=("kind",))
 
 
@@ -443,6 +443,38 @@ def test_triplet_loss_mining_and_gradient():
   assert float(triplet_loss(z, np.arange(12), 0.3)) == 0.0
   directional_fd_check(lambda x: triplet_loss(x, labels, 0.3),
                        lambda x: ref_triplet(x, labels, 0.3)[0], [z], (0,), rng)
+
+
+def test_semi_hard_mining_on_hand_built_distances():
+  """Anchor 0 (label 0): positive 1 (d_p = 0.2, nearer than same-label 2 at 0.5); other-label
+  samples at 0.1 (too hard), 0.2 (= d_p, not >), 0.25, 0.3, 0.45, 0.49 (semi-hard, 4 of them),
+  0.5 (= d_p + margin, not <) and 0.7 (too easy): the first 3 semi-hard ones are kept."""
+  d0 = [0.0, 0.2, 0.5, 0.1, 0.2, 0.25, 0.3, 0.45, 0.49, 0.5, 0.7]
+  n = len(d0)
+  labels = np.array([0, 0, 0] + [1] * (n - 3))
+  dist = np.full((n, n), 2.0)
+  np.fill_diagonal(dist, 0.0)
+  dist[0], dist[:, 0] = d0, d0
+  positive, neg = jax.jit(L.semi_hard_triplets, static_argnums=(3,))(dist, labels, 0.3, 3)
+  positive, neg = np.asarray(positive), np.asarray(neg)
+  assert positive[0] == 1
+  assert np.flatnonzero(neg[0]).tolist() == [5, 6, 7]
+  # The inequality for every chosen triplet of every anchor.
+  for i, j in zip(*np.nonzero(neg)):
+    d_p = dist[i, positive[i]]
+    assert labels[j] != labels[i] and d_p < dist[i, j] < d_p + 0.3
+  # Label-1 anchors: positives at 2.0 from each other, anchor 0 at <= 0.7 is never semi-hard
+  # (it is nearer than the positive), so they drop out.
+  assert not neg[3:].any()
+  # A masked-out sample is neither positive nor negative: with 1 masked, 2 (d_p = 0.5) is the
+  # positive and only 0.7 lies in (0.5, 0.8).
+  mask = np.ones(n, bool)
+  mask[1] = False
+  positive, neg = L.semi_hard_triplets(jnp.asarray(dist), labels, 0.3, 3, mask)
+  assert int(positive[0]) == 2
+  assert np.flatnonzero(np.asarray(neg[0])).tolist() == [10] and not np.asarray(neg[1]).any()
+  with pytest.raises(ValueError, match=r"dist must be \[N, N\]"):
+    L.semi_hard_triplets(jnp.zeros((3, 4)), labels[:3])
 
 
 def test_losses_jit_and_bad_shapes(batch):

@@ -10,7 +10,9 @@ group are positives of each other for retrieval. Each example has three views of
   side"), `captions_per_item` of them, caption k drawn deterministically from (example, k);
 - audio: 16 kHz mono float32 `[S]`, either `"sound"` (a synthesised tone: pitch <- colour,
   timbre <- shape, loudness <- size, onset time <- position) or `"speech"` (a caption spoken by
-  Debian's `espeak-ng`, resampled to 16 kHz).
+  Debian's `espeak-ng`, resampled to 16 kHz);
+- depth (with `SyntheticConfig(depth=True)`): a range image of the same scene, float32 `[H, W]`
+  metres, the shape as a height field in front of a far plane (`data/depth.py`).
 
 Splits and held-out combinations: a deterministic subset of tuples (`heldout_fraction`, ~15%,
 balanced so every attribute value keeps most of its tuples in training) never appears in
@@ -102,7 +104,8 @@ ESPEAK_VOICES = ("en-us", "en-gb", "en-us+f2", "en-gb+m3", "en-us+f4", "en-gb-sc
 ESPEAK_MAX_RATE = 450  # words per minute
 
 _SPLIT_CODE = {s: i for i, s in enumerate(SPLITS)}
-_STREAM_HELDOUT, _STREAM_ASSIGN, _STREAM_IMAGE, _STREAM_AUDIO, _STREAM_TEXT = range(5)
+(_STREAM_HELDOUT, _STREAM_ASSIGN, _STREAM_IMAGE, _STREAM_AUDIO, _STREAM_TEXT,
+ _STREAM_DEPTH) = range(6)
 _ARTICLE = re.compile(r"\b([Aa]) (?=[aeiouAEIOU])")
 
 
@@ -206,8 +209,9 @@ def _shape_polygons(shape: str, r: float) -> Tuple[List[np.ndarray], List[np.nda
   raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 
-def render_image(attrs: Attributes, rng: np.random.Generator, image_size: int = 64) -> np.ndarray:
-  """Draws `attrs` as RGB uint8 `[H, W, 3]` with jittered placement, size, rotation and colour."""
+def shape_alpha(attrs: Attributes, rng: np.random.Generator, image_size: int = 64) -> np.ndarray:
+  """Anti-aliased coverage of the shape, float32 `[H, W, 1]` in [0, 1], with jittered
+  placement, size and rotation: the first draws of an image's stream, shared by every view."""
   side = int(image_size)
   ss = max(1, math.ceil(256 / side))  # supersampling factor for anti-aliased edges
   big = side * ss
@@ -225,8 +229,13 @@ def render_image(attrs: Attributes, rng: np.random.Generator, image_size: int = 
     draw.polygon([tuple(p) for p in pts.tolist()], fill=value)
   if ss > 1:
     mask = mask.resize((side, side), Image.BOX)
-  alpha = np.asarray(mask, np.float32)[..., None] / 255.0
+  return np.asarray(mask, np.float32)[..., None] / 255.0
 
+
+def render_image(attrs: Attributes, rng: np.random.Generator, image_size: int = 64) -> np.ndarray:
+  """Draws `attrs` as RGB uint8 `[H, W, 3]` with jittered placement, size, rotation and colour."""
+  side = int(image_size)
+  alpha = shape_alpha(attrs, rng, side)
   top, bottom = rng.uniform(25.0, 100.0, size=2)
   tint = rng.uniform(-10.0, 10.0, size=3).astype(np.float32)
   ramp = np.linspace(top, bottom, side, dtype=np.float32)[:, None, None]
@@ -376,6 +385,7 @@ class SyntheticConfig:
   heldout_splits: Tuple[str, ...] = ("test",)
   captions_per_item: int = 5
   sample_rate: int = 16000
+  depth: bool = False
 
   def __post_init__(self):
     splits = self.heldout_splits
@@ -526,12 +536,13 @@ class SyntheticTriModal:
   def example(self, split: str, index: int) -> Dict[str, Any]:
     """One example: id, image uint8 `[H, W, 3]`, audio float32 `[S]`, text, captions, group,
     attributes (value names), labels (value indices) and transcript (the spoken caption in
-    speech mode, drawn independently of `text`; "" in sound mode)."""
+    speech mode, drawn independently of `text`; "" in sound mode); with `config.depth`, also
+    depth float32 `[H, W]` (metres, the same scene as `image`)."""
     index = self._check_index(split, index)
     cfg, code = self.config, _SPLIT_CODE[split]
     group = int(self._groups[split][index])
     attrs = attributes_of(group)
-    image = render_image(attrs, _rng(cfg.seed, _STREAM_IMAGE, code, index), cfg.image_size)
+    image = self.render_rgb(split, index)
     audio_rng = _rng(cfg.seed, _STREAM_AUDIO, code, index)
     transcript = ""
     if self.audio_mode == "speech":
@@ -540,8 +551,9 @@ class SyntheticTriModal:
     else:
       audio = synthesize_sound(attrs, audio_rng, cfg.audio_seconds, cfg.sample_rate)
     captions = self.captions(split, index)
+    views = {"depth": self.render_depth(split, index)} if cfg.depth else {}
     return {
-        "id": f"synthetic-s{cfg.seed}-{split}-{index:06d}",
+        "id": self.example_id(split, index),
         "image": image,
         "audio": audio,
         "text": captions[0],
@@ -550,7 +562,29 @@ class SyntheticTriModal:
         "attributes": attrs._asdict(),
         "labels": {name: VOCAB[name].index(v) for name, v in zip(ATTRIBUTE_NAMES, attrs)},
         "transcript": transcript,
+        **views,
     }
+
+  def example_id(self, split: str, index: int) -> str:
+    """The id of one example, e.g. "synthetic-s0-train-000012"."""
+    return f"synthetic-s{self.config.seed}-{split}-{self._check_index(split, index):06d}"
+
+  def render_depth(self, split: str, index: int) -> np.ndarray:
+    """The depth view of one example, float32 `[H, W]` metres (`data/depth.py`), whether or not
+    `config.depth` puts it into `example`; cheaper than `example` (no audio)."""
+    from edgeglass_jax.data import depth
+    index = self._check_index(split, index)
+    cfg, code = self.config, _SPLIT_CODE[split]
+    attrs = attributes_of(self._groups[split][index])
+    return depth.render_depth(attrs, _rng(cfg.seed, _STREAM_IMAGE, code, index),
+                              _rng(cfg.seed, _STREAM_DEPTH, code, index), cfg.image_size)
+
+  def render_rgb(self, split: str, index: int) -> np.ndarray:
+    """The RGB view of one example, uint8 `[H, W, 3]` (what `example` returns as "image")."""
+    index = self._check_index(split, index)
+    cfg = self.config
+    return render_image(attributes_of(self._groups[split][index]),
+                        _rng(cfg.seed, _STREAM_IMAGE, _SPLIT_CODE[split], index), cfg.image_size)
 
   def records(self, split: str, num_threads: int = 1) -> Iterator[Dict[str, Any]]:
     """Yields the examples of `split` in index order; threads overlap espeak-ng calls."""

@@ -6,6 +6,7 @@ TASKS = {
     "align": "edgeglass_jax.tasks.align",
     "lm_lora": "edgeglass_jax.tasks.lm_lora",
     "assistant": "edgeglass_jax.tasks.assistant",
+    "distill": "edgeglass_jax.tasks.distill",
 }
 
 

@@ -413,6 +413,48 @@ class Checkpointer:
     self.manager.close()
 
 
+def restore_params(directory: str, abstract) -> Tuple[int, Any]:
+  """(step, params) of the latest readable checkpoint in `directory` (a workdir's
+  `checkpoints/`), another run's trained parameters to start from or to freeze, e.g. a
+  teacher. `abstract` is that run's abstract TrainState (`abstract_state`); only its `state`
+  item is read and nothing is written. A damaged step falls back to the one before; a checkpoint
+  of another model raises `CheckpointMismatchError`, none at all `FileNotFoundError`."""
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{directory} does not exist: the run to restore has not "
+                            "checkpointed yet")
+  expected = flat_shapes(abstract)
+  manager = ocp.CheckpointManager(
+      directory, item_names=("state", "data"),
+      options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": pipeline.iterator_checkpoint_handler()})
+  try:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        stored = flat_shapes(manager.item_metadata(step)["state"])
+      except Exception as e:  # unreadable metadata: a damaged step, fall back
+        logging.warning("checkpoint step %d in %s is unreadable (%s); trying the one before",
+                        step, directory, e)
+        continue
+      difference = first_difference(expected, stored)
+      if difference is not None:
+        raise CheckpointMismatchError(f"checkpoint step {step} in {directory} belongs to another "
+                                      f"model than the one asked for: {difference}")
+      try:
+        with _draining_event_loops():
+          restored = manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract)))
+      except Exception as e:  # a truncated array file: fall back
+        logging.warning("checkpoint step %d in %s cannot be restored (%s); trying the one "
+                        "before", step, directory, e)
+        continue
+      return step, restored["state"].params
+  finally:
+    manager.close()
+  raise FileNotFoundError(f"{directory} holds no restorable checkpoint")
+
+
 class _DrainingEventLoop(asyncio.SelectorEventLoop):
   """An event loop that lets its pending tasks finish before it closes.
 
