@@ -4,9 +4,9 @@ The turn a user waits for: a spoken question of about `--question-seconds` (espe
 synthetic set's `synthesize_speech`) is transcribed by Whisper tiny.en, the assistant trained in
 `--workdir` answers it about one image (scikit-image's astronaut, or `--image`) with at most
 `--new-tokens` tokens, and espeak-ng speaks the answer into a WAV. After one untimed warm-up turn
-(JAX compiles there), `--reps` turns are timed; each step's median (and best) and the median
-total are printed as a markdown table, with the machine and its load. Target (issue 9): under
-3 s in total on the 2-core CPU with SmolLM2-135M.
+(JAX compiles there), `--reps` turns are timed; each step's median (and best), their total
+and the turn's wall clock are printed as a markdown table, with the machine and its load.
+Target (issue 9): under 3 s in total (wall clock) on the 2-core CPU with SmolLM2-135M.
 
   python benchmarks/assist.py --workdir=DIR [--reps 5] [--question-seconds 3]
       [--new-tokens 15] [--image photo.png] [--xla-flags "..."]
@@ -101,9 +101,13 @@ def main(argv=None):
   for s in steps:
     values = [tr.timings[s] for tr in turns]
     print(f"| {assist.STEP_NAMES[s]} | {statistics.median(values):.3f} | {min(values):.3f} |")
-  print(f"| **total** | **{total:.3f}** | {min(totals):.3f} |")
+  print(f"| **total of the steps** | **{total:.3f}** | {min(totals):.3f} |")
+  walls = [tr.wall_seconds for tr in turns]
+  wall = statistics.median(walls)
+  print(f"| wall clock of the turn | {wall:.3f} | {min(walls):.3f} |")
   print()
-  print(f"target < 3 s in total: {'met' if total < 3.0 else 'not met'} ({total:.2f} s)")
+  print(f"target < 3 s in total: {'met' if wall < 3.0 else 'not met'} (wall clock {wall:.2f} s, "
+        f"steps {total:.2f} s)")
 
 
 if __name__ == "__main__":

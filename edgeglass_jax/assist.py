@@ -20,7 +20,10 @@ The workdir is only read.
 Errors name what is wrong: `ImageError` (an image file that cannot be decoded), `AudioError`
 (a sound or spoken question that is missing, unreadable, empty, or in which no words are heard),
 `QuestionError` (neither or both of a typed and a spoken question), and the assistant's own
-`NoAssistantError` (a workdir without a trained assistant) and too-long-question error.
+(`tasks.assistant`): `NoAssistantError` (a workdir without a trained assistant),
+`QuestionTooLongError` (soft tokens + question + answer budget beyond the LM's context) and
+`InputError` (e.g. a sound for an assistant trained without audio). The CLI prints any of them
+as one `error: ...` line and exits with status 2.
 """
 from __future__ import annotations
 
@@ -70,7 +73,9 @@ class Turn:
   `question` is what the assistant was asked (the typed prompt, or the transcript of the
   spoken one, then also in `transcript`); `text` its answer; `timings` seconds per step of
   `STEPS` that ran (ASR only for a spoken question, speech only when spoken); `speech_path`
-  the WAV written (None when not spoken) and `speech_note` why it was not spoken.
+  the WAV written (None when not spoken) and `speech_note` why it was not spoken;
+  `wall_seconds` the whole turn by the clock (the steps plus what lies between them:
+  tokenizing, detokenizing, the assistant's own bookkeeping).
   """
   question: str
   text: str
@@ -79,6 +84,7 @@ class Turn:
   speech_path: Optional[str] = None
   speech_seconds: float = 0.0
   speech_note: str = ""
+  wall_seconds: float = 0.0
 
   @property
   def total_seconds(self) -> float:
@@ -189,6 +195,7 @@ def respond(assistant, *, image: Optional[np.ndarray] = None, audio: Optional[np
   """
   check_question(image is not None, audio is not None, prompt is not None,
                  question_wave is not None)
+  start = time.perf_counter()
   timings: Dict[str, float] = {}
   transcript = None
   if question_wave is not None:
@@ -215,7 +222,8 @@ def respond(assistant, *, image: Optional[np.ndarray] = None, audio: Optional[np
     except SpeechUnavailableError as e:
       note = str(e)
   return Turn(question=question, text=answer.text, timings=timings, transcript=transcript,
-              speech_path=speech_path, speech_seconds=speech_seconds, speech_note=note)
+              speech_path=speech_path, speech_seconds=speech_seconds, speech_note=note,
+              wall_seconds=time.perf_counter() - start)
 
 
 def ask(workdir: str, *, image: Any = None, audio: Any = None, prompt: Optional[str] = None,
@@ -269,6 +277,7 @@ def format_turn(turn: Turn, load_seconds: Optional[float] = None) -> str:
     if step in turn.timings:
       lines.append(f"  {STEP_NAMES[step]:<{width}}  {turn.timings[step]:7.3f} s")
   lines.append(f"  {'total':<{width}}  {turn.total_seconds:7.3f} s")
+  lines.append(f"  {'(wall clock)':<{width}}  {turn.wall_seconds:7.3f} s")
   if load_seconds is not None:
     lines.append(f"  (loading the models took {load_seconds:.2f} s more; a first call also "
                  "compiles, so later turns in one process are faster)")
@@ -297,7 +306,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = FLAGS
-  known = (AssistError, assistant_lib.NoAssistantError, *assistant_lib.INPUT_ERRORS)
+  known = (AssistError, assistant_lib.NoAssistantError, assistant_lib.QuestionTooLongError,
+           assistant_lib.InputError)
   try:
     turn, load_seconds = ask_timed(f.workdir, image=f.image, audio=f.audio, prompt=f.prompt,
                                    question_audio=f["question-audio"].value, speak=f.speak,
