@@ -173,13 +173,15 @@ def speak(text: str, path: str) -> float:
 
 # ----------------------------------------------------------------------------- the turn
 
-def check_question(has_image: bool, has_audio: bool, has_prompt: bool, has_spoken: bool):
-  """`QuestionError` unless there is something to look at or listen to and exactly one
-  question (typed or spoken)."""
-  if has_prompt == has_spoken:
+def check_question(image: Any, audio: Any, prompt: Optional[str], spoken: Any):
+  """`QuestionError` unless there is an image and/or a sound and exactly one question: a
+  non-empty typed `prompt` or a `spoken` one (None marks what is absent)."""
+  if (prompt is None) == (spoken is None):
     raise QuestionError("give exactly one question: a typed prompt (--prompt) or a spoken one "
-                        f"(--question-audio); got {'both' if has_prompt else 'neither'}")
-  if not (has_image or has_audio):
+                        f"(--question-audio); got {'neither' if prompt is None else 'both'}")
+  if prompt is not None and not prompt.strip():
+    raise QuestionError("the typed prompt is empty")
+  if image is None and audio is None:
     raise QuestionError("give an image (--image) and/or a sound (--audio) to answer about")
 
 
@@ -193,8 +195,7 @@ def respond(assistant, *, image: Optional[np.ndarray] = None, audio: Optional[np
   of `prompt` (typed) and `question_wave` (spoken, 16 kHz, transcribed first). With `speak_to`
   the answer is spoken into that WAV file (unless espeak-ng is missing: `speech_note` says so).
   """
-  check_question(image is not None, audio is not None, prompt is not None,
-                 question_wave is not None)
+  check_question(image, audio, prompt, question_wave)
   start = time.perf_counter()
   timings: Dict[str, float] = {}
   transcript = None
@@ -205,8 +206,6 @@ def respond(assistant, *, image: Optional[np.ndarray] = None, audio: Optional[np
     question = transcript
   else:
     question = prompt.strip()
-    if not question:
-      raise QuestionError("the typed prompt is empty")
   answer = assistant.answer(image=image, audio=audio, prompt=question,
                             max_new_tokens=max_new_tokens)
   ran = {"image_encoding": image is not None, "audio_encoding": audio is not None,
@@ -246,8 +245,11 @@ def ask_timed(workdir: str, *, image: Any = None, audio: Any = None,
               speak: Optional[str] = None, max_new_tokens: int = 32) -> Tuple[Turn, float]:
   """`ask`, also returning the seconds spent loading the assistant (and Whisper)."""
   from edgeglass_jax.tasks import assistant as assistant_lib
-  check_question(image is not None, audio is not None, prompt is not None,
-                 question_audio is not None)
+  check_question(image, audio, prompt, question_audio)
+  if speak is not None:
+    folder = os.path.dirname(os.path.abspath(speak))
+    if not os.path.isdir(folder):
+      raise AssistError(f"--speak={speak}: folder {folder} does not exist")
   pixels = None if image is None else load_image(image, _source(image, "image"))
   sound = None if audio is None else load_sound(audio, _source(audio, "audio"))
   source = _source(question_audio, "question audio")

@@ -97,13 +97,16 @@ def test_silent_question_is_named_error(files):
 
 
 def test_check_question():
+  image, wave = np.zeros((4, 4, 3), np.uint8), np.zeros(16, np.float32)
   with pytest.raises(assist.QuestionError, match="neither"):
-    assist.check_question(True, False, False, False)
+    assist.check_question(image, None, None, None)
   with pytest.raises(assist.QuestionError, match="both"):
-    assist.check_question(True, False, True, True)
+    assist.check_question(image, None, "what?", wave)
+  with pytest.raises(assist.QuestionError, match="empty"):
+    assist.check_question(image, None, "  ", None)
   with pytest.raises(assist.QuestionError, match="image"):
-    assist.check_question(False, False, True, False)
-  assist.check_question(False, True, False, True)
+    assist.check_question(None, None, "what?", None)
+  assist.check_question(None, wave, None, wave)
 
 
 @needs_espeak
@@ -218,7 +221,7 @@ def test_cli_typed_prompt_with_audio_without_espeak_answers_in_text(workdir, fil
 
 @pytest.mark.parametrize("case", ["bad_image", "missing_image", "unreadable_audio",
                                   "empty_audio", "silent_question", "no_assistant",
-                                  "too_long", "no_question"])
+                                  "too_long", "no_question", "speak_folder"])
 def test_cli_named_errors_leave_workdir_unchanged(case, workdir, files, tmp_path,
                                                   context_length):
   target = workdir
@@ -250,6 +253,10 @@ def test_cli_named_errors_leave_workdir_unchanged(case, workdir, files, tmp_path
   elif case == "no_question":
     args.pop()
     expect = "neither"
+  elif case == "speak_folder":
+    missing = str(tmp_path / "no" / "such")
+    args.append(f"--speak={missing}/answer.wav")
+    expect = missing
   before = snapshot(target)
   proc = run_assist(f"--workdir={target}", *args)
   assert proc.returncode == 2, (proc.stdout, proc.stderr[-3000:])
