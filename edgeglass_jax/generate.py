@@ -7,6 +7,11 @@ Prompts of different lengths are left-aligned to the right end of a padded block
 and masked out; positions count real tokens only, so a padded row gives the same tokens as the
 row alone. The prompt block is padded to a bucket (a power of two, at least 16), so one
 compilation serves every (batch, prompt bucket, max_new_tokens, sampling settings).
+
+Prefix-LM prompts (PaliGemma): `inputs_embeds` replaces the prompt's token ids (soft tokens of
+an image or a sound, then embedded text), and `mask_ar` makes the prefill attend by
+`decoder.make_prefix_lm_mask` (prompt tokens with `mask_ar = 0` see each other both ways); the
+new tokens are causal and see the whole prompt.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from edgeglass_jax.decoder import make_prefix_lm_mask
 
 MIN_BUCKET = 16
 
@@ -50,17 +57,24 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_k: 
 
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "temperature", "top_k",
                                              "top_p", "eos_id", "cache_dtype"))
-def _generate(params, ids, valid, rng, *, module, max_new_tokens: int, temperature: float,
-              top_k: int, top_p: float, eos_id: Optional[int], cache_dtype: Any):
-  b, t = ids.shape
+def _generate(params, ids, valid, rng, embeds, mask_ar, *, module, max_new_tokens: int,
+              temperature: float, top_k: int, top_p: float, eos_id: Optional[int],
+              cache_dtype: Any):
+  b, t = valid.shape
   slots = t + max_new_tokens
   fill = 0 if eos_id is None else eos_id
   positions = jnp.maximum(jnp.cumsum(valid, 1) - 1, 0).astype(jnp.int32)
   key_valid = jnp.concatenate([valid, jnp.ones((b, max_new_tokens), bool)], 1)
   slot = jnp.arange(slots)
-  prefill_mask = (slot[None, None, :] <= jnp.arange(t)[None, :, None]) & key_valid[:, None, :]
+  if mask_ar is None:
+    prefill_mask = (slot[None, None, :] <= jnp.arange(t)[None, :, None]) & key_valid[:, None, :]
+  else:
+    prefix = make_prefix_lm_mask(valid, mask_ar)
+    prefill_mask = jnp.concatenate([prefix, jnp.zeros((b, t, max_new_tokens), bool)], 2)
   cache = module.init_cache(b, slots, cache_dtype)
-  logits, cache = module.apply(params, ids, cache, positions, prefill_mask, method="decode")
+  soft = {} if embeds is None else {"inputs_embeds": embeds}
+  logits, cache = module.apply(params, ids, cache, positions, prefill_mask, method="decode",
+                               **soft)
   rng, first_rng = jax.random.split(rng)
   state = dict(step=jnp.int32(0), done=jnp.zeros((b,), bool),
                next_token=sample_logits(logits[:, -1], first_rng, temperature, top_k, top_p),
@@ -94,7 +108,7 @@ def _generate(params, ids, valid, rng, *, module, max_new_tokens: int, temperatu
 def generate(module, params, input_ids, max_new_tokens: int, *, attention_mask=None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              eos_id: Optional[int] = None, rng: Optional[jax.Array] = None,
-             cache_dtype=jnp.float32) -> jax.Array:
+             cache_dtype=jnp.float32, inputs_embeds=None, mask_ar=None) -> jax.Array:
   """Continues each prompt row of `input_ids [B, T]` by `max_new_tokens` tokens.
 
   `attention_mask [B, T]` marks the real tokens of ragged prompts (left- or right-padded; real
@@ -102,12 +116,26 @@ def generate(module, params, input_ids, max_new_tokens: int, *, attention_mask=N
   top-p). Rows that produce `eos_id` are padded with it afterwards; the loop stops when every
   row is done. Returns int32 `[B, max_new_tokens]`. The longest prompt plus `max_new_tokens`
   must fit the model's `max_position_embeddings`.
+
+  Prefix-LM prompts: `inputs_embeds [B, T, D]` (already scaled, as `Decoder.embed` gives them)
+  stand for the prompt in place of `input_ids` (pass None), and `mask_ar [B, T]` (0 = prefix,
+  bidirectional; 1 = causal) shapes the prefill's attention as `decoder.make_prefix_lm_mask`.
   """
-  ids = np.asarray(input_ids)
+  if (input_ids is None) == (inputs_embeds is None):
+    raise ValueError("pass exactly one of input_ids and inputs_embeds")
+  embeds = None if inputs_embeds is None else np.asarray(inputs_embeds)
+  if embeds is not None and embeds.ndim != 3:
+    raise ValueError(f"inputs_embeds must be [B, T, D], got shape {embeds.shape}")
+  ids = (np.zeros(embeds.shape[:2], np.int32) if embeds is not None else np.asarray(input_ids))
   if ids.ndim != 2:
     raise ValueError(f"input_ids must be [B, T], got shape {ids.shape}")
   valid = (np.ones(ids.shape, bool) if attention_mask is None
            else np.asarray(attention_mask).astype(bool))
+  if valid.shape != ids.shape:
+    raise ValueError(f"attention_mask has shape {valid.shape}, the prompt {ids.shape}")
+  ar = None if mask_ar is None else np.asarray(mask_ar).astype(np.int32)
+  if ar is not None and ar.shape != ids.shape:
+    raise ValueError(f"mask_ar has shape {ar.shape}, the prompt {ids.shape}")
   lengths = valid.sum(1)
   if np.any(lengths == 0):
     raise ValueError(f"prompt rows {np.flatnonzero(lengths == 0).tolist()} have no tokens")
@@ -121,14 +149,23 @@ def generate(module, params, input_ids, max_new_tokens: int, *, attention_mask=N
   bucket = prompt_bucket(longest)
   packed = np.zeros((ids.shape[0], bucket), np.int32)
   packed_valid = np.zeros((ids.shape[0], bucket), bool)
+  packed_embeds = (None if embeds is None else
+                   np.zeros((ids.shape[0], bucket, embeds.shape[2]), embeds.dtype))
+  packed_ar = None if ar is None else np.ones((ids.shape[0], bucket), np.int32)
   for row, (tokens, keep) in enumerate(zip(ids, valid)):
     real = tokens[keep]
     if keep.any() and not keep[np.argmax(keep):len(keep) - np.argmax(keep[::-1])].all():
       raise ValueError(f"attention_mask row {row} has holes; real tokens must be contiguous")
     packed[row, bucket - len(real):] = real
     packed_valid[row, bucket - len(real):] = True
-  return _generate(params, jnp.asarray(packed), jnp.asarray(packed_valid),
-                   jax.random.key(0) if rng is None else rng, module=module,
+    if embeds is not None:
+      packed_embeds[row, bucket - len(real):] = embeds[row][keep]
+    if ar is not None:
+      packed_ar[row, bucket - len(real):] = ar[row][keep]
+  return _generate(params, None if embeds is not None else jnp.asarray(packed),
+                   jnp.asarray(packed_valid), jax.random.key(0) if rng is None else rng,
+                   None if embeds is None else jnp.asarray(packed_embeds),
+                   None if ar is None else jnp.asarray(packed_ar), module=module,
                    max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                    top_k=int(top_k), top_p=float(top_p),
                    eos_id=None if eos_id is None else int(eos_id), cache_dtype=cache_dtype)

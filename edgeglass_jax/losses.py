@@ -1,4 +1,5 @@
-"""Losses of the shared embedding space: contrastive, cycle, Matryoshka, distillation, triplet.
+"""Losses of the shared embedding space: contrastive, cycle, Matryoshka, distillation, triplet;
+and DPO for the assistant's preference stage.
 
 All functions are pure `jnp` and jit-friendly. Embeddings are `[N, D]`, one row per example of a
 batch, row i of every modality describing the same example. A boolean `mask [N]` marks examples
@@ -473,3 +474,22 @@ def triplet_loss(z: Array, labels: Array, margin: float = 0.3, num_negatives: in
   chosen = semi_hard & (jnp.cumsum(semi_hard, axis=1) <= num_negatives)
   per_triplet = jnp.where(chosen, jax.nn.relu(d_p - dist + margin), 0.0)
   return jnp.sum(per_triplet) / jnp.maximum(jnp.sum(chosen), 1).astype(z.dtype)
+
+
+def dpo_loss(policy_chosen: Array, policy_rejected: Array, ref_chosen: Array,
+             ref_rejected: Array, beta: float = 0.1,
+             mask: Optional[Array] = None) -> Tuple[Array, Dict[str, Array]]:
+  """DPO (Rafailov et al. 2023) on `[B]` sequence log-probabilities (summed over answer tokens).
+
+  `loss = mean_i -log_sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)))` over the rows where
+  `mask [B]` is True. Returns `(loss, {"reward_margin", "preference_accuracy"})`: the mean of
+  `beta * ((pi_w - ref_w) - (pi_l - ref_l))` and the share of rows where it is > 0.
+  """
+  pw, pl, rw, rl = (_float(x) for x in (policy_chosen, policy_rejected, ref_chosen,
+                                          ref_rejected))
+  margin = beta * ((pw - rw) - (pl - rl))
+  w = _mask_or_ones(mask, margin.shape[0]).astype(margin.dtype)
+  n = jnp.maximum(jnp.sum(w), 1.0)
+  loss = jnp.sum(-jax.nn.log_sigmoid(margin) * w) / n
+  return loss, {"reward_margin": jnp.sum(margin * w) / n,
+                "preference_accuracy": jnp.sum((margin > 0) * w) / n}

