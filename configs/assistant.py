@@ -37,7 +37,7 @@ def get_config(arg: str = "caption"):
       image_size=32 if tiny else 64, audio_seconds=0.5 if tiny else 1.0, captions_per_item=5)
   config.data.splits = ("train", "test")
   config.data.sep = "\nanswer:"
-  config.data.max_len = 40 if tiny else 48
+  config.data.max_len = 56 if tiny else 64
   config.data.qa_modalities = ("image", "audio") if stage == "caption" else ("image", "audio",
                                                                              "text")
   config.data.kinds = KINDS[stage]

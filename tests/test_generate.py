@@ -103,3 +103,42 @@ def test_prompt_plus_new_tokens_beyond_the_context_names_both(model):
   with pytest.raises(ValueError, match=r"prompt of 7 tokens plus max_new_tokens=34 exceeds the "
                                        r"model's context of 40"):
     generate.generate(module, params, np.asarray([PROMPTS[0]]), 34)
+
+
+def uncached_prefix_greedy(module, params, embeds, prefix_len, n):
+  """Greedy continuation under the prefix-LM mask, recomputed from scratch every token."""
+  x = np.asarray(embeds)
+  out = []
+  for _ in range(n):
+    t = x.shape[1]
+    mask_ar = (np.arange(t) >= prefix_len).astype(int)[None]
+    mask = decoder.make_prefix_lm_mask(np.ones((1, t), bool), mask_ar)
+    logits = module.apply(params, None, None, mask, inputs_embeds=x)
+    out.append(int(np.argmax(logits[0, -1])))
+    nxt = np.asarray(module.apply(params, np.asarray([[out[-1]]]), method="embed"))
+    x = np.concatenate([x, nxt], 1)
+  return out
+
+
+def test_prefix_lm_prompt_from_embeddings(model):
+  """A soft-token prompt (embeddings, bidirectional prefix via mask_ar) decodes like the
+  uncached prefix-LM forward pass, row by row in a ragged batch; the prefix mask matters."""
+  module, params = model
+  rng = np.random.default_rng(0)
+  lengths = [6, 4]
+  rows = [np.asarray(rng.normal(size=(1, n, CONFIG.hidden_size)), np.float32) for n in lengths]
+  embeds = np.zeros((2, 6, CONFIG.hidden_size), np.float32)
+  valid = np.zeros((2, 6), bool)
+  for r, x in enumerate(rows):
+    embeds[r, :lengths[r]] = x[0]
+    valid[r, :lengths[r]] = True
+  zeros = np.zeros((2, 6), int)
+  got = np.asarray(generate.generate(module, params, None, 4, attention_mask=valid,
+                                     inputs_embeds=embeds, mask_ar=zeros))
+  for r, x in enumerate(rows):
+    assert got[r].tolist() == uncached_prefix_greedy(module, params, x, lengths[r], 4)
+  causal = np.asarray(generate.generate(module, params, None, 4, attention_mask=valid,
+                                        inputs_embeds=embeds))
+  assert causal[0].tolist() != got[0].tolist()
+  with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+    generate.generate(module, params, np.zeros((2, 5), int), 2, inputs_embeds=embeds)

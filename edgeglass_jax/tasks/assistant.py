@@ -379,6 +379,11 @@ class QASource:
     rows = {"": [], "rejected/": []}
     for r, k in enumerate(item_ids):
       question, answer = self.texts(int(k), epoch, seed)
+      try:
+        self.encode(question, answer if with_answer else None)
+      except ValueError as e:
+        raise ValueError(f"{self.split} QA item {int(k)} ({items[r].modality}, {items[r].kind}): "
+                         f"{e}; raise config.data.max_len") from e
       if self.pairs is not None:
         _, chosen, rejected = self.pairs[int(index[r])]
         rows[""].append(self.encode(question, chosen))

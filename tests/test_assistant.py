@@ -1,0 +1,170 @@
+"""The assistant's pieces by hand: sequence and masks, loss mask, DPO loss, minimal-edit pairs,
+masked-out modalities, the bridge kinds."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from edgeglass_jax import adapters, decoder, losses
+from edgeglass_jax.data import qa, synthetic
+from edgeglass_jax.tasks import assistant, lm_lora
+
+BOS, EOS, PAD = 1, 2, 0
+
+
+def test_prefix_lm_mask_of_an_assistant_sequence():
+  """[2 image slots][1 audio slot, absent] BOS q SEP a EOS PAD: the prefix (valid slots, BOS,
+  q, SEP) is bidirectional, the answer causal, the absent slot and PAD invisible."""
+  soft_mask = np.array([[True, True, False]])
+  ids, valid, ar, loss = assistant.text_sequence(BOS, [7], [9], [5], EOS, PAD, 6)
+  np.testing.assert_array_equal(ids, [BOS, 7, 9, 5, EOS, PAD])
+  input_mask, mask_ar, positions = assistant.full_masks(soft_mask, valid[None], ar[None])
+  got = np.asarray(decoder.make_prefix_lm_mask(input_mask, mask_ar)).astype(int)[0]
+  want = np.array([
+      # i0 i1 a0 BOS q SEP ans EOS PAD
+      [1, 1, 0, 1, 1, 1, 0, 0, 0],   # image 0
+      [1, 1, 0, 1, 1, 1, 0, 0, 0],   # image 1
+      [0, 0, 0, 0, 0, 0, 0, 0, 0],   # absent audio slot
+      [1, 1, 0, 1, 1, 1, 0, 0, 0],   # BOS
+      [1, 1, 0, 1, 1, 1, 0, 0, 0],   # q
+      [1, 1, 0, 1, 1, 1, 0, 0, 0],   # SEP
+      [1, 1, 0, 1, 1, 1, 1, 0, 0],   # answer
+      [1, 1, 0, 1, 1, 1, 1, 1, 0],   # EOS
+      [0, 0, 0, 0, 0, 0, 0, 0, 0]])  # PAD
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(np.asarray(positions)[0, :8], [0, 1, 1, 2, 3, 4, 5, 6])
+
+
+def test_loss_mask_covers_exactly_the_answer_and_eos():
+  codec = lm_lora.TextCodec(lm_lora.word_tokenizer(qa.question_words()), name="words")
+  question, answer = codec.encode("what color is the shape?"), codec.encode(" it is red")
+  sep = codec.encode("\nanswer:")
+  ids, valid, ar, loss = assistant.text_sequence(BOS, question, sep, answer, codec.eos_id,
+                                                 codec.pad_id, 24)
+  start = 1 + len(question) + len(sep)
+  np.testing.assert_array_equal(ids[loss == 1], answer + [codec.eos_id])
+  assert np.flatnonzero(loss).tolist() == list(range(start, start + len(answer) + 1))
+  assert ar[:start].sum() == 0 and ar[start:].all()
+  assert valid.sum() == start + len(answer) + 1
+  prefix_only = assistant.text_sequence(BOS, question, sep, None, codec.eos_id, codec.pad_id, 24)
+  assert prefix_only[3].sum() == 0 and prefix_only[1].sum() == start
+  with pytest.raises(ValueError, match="more than max_len=8"):
+    assistant.text_sequence(BOS, question, sep, answer, codec.eos_id, codec.pad_id, 8)
+
+
+def _reference_dpo(pw, pl, rw, rl, beta):
+  z = beta * ((pw - rw) - (pl - rl))
+  return float(np.mean(np.log1p(np.exp(-z))))
+
+
+def test_dpo_loss_equals_float64_reference_and_log2_at_the_reference():
+  rng = np.random.default_rng(0)
+  pw, pl, rw, rl = (rng.normal(size=7) * 5 - 20 for _ in range(4))
+  with jax.enable_x64(True):
+    loss, metrics = losses.dpo_loss(pw, pl, rw, rl, beta=0.3)
+    assert loss.dtype == jnp.float64
+    assert abs(float(loss) - _reference_dpo(pw, pl, rw, rl, 0.3)) < 1e-12
+  z = 0.3 * ((pw - rw) - (pl - rl))
+  assert abs(float(metrics["preference_accuracy"]) - np.mean(z > 0)) < 1e-6
+  same, _ = losses.dpo_loss(pw, pl, pw, pl, beta=0.1)
+  assert abs(float(same) - math.log(2.0)) < 1e-6
+  mask = np.array([1, 1, 0, 0, 0, 0, 0], bool)
+  masked, _ = losses.dpo_loss(pw, pl, rw, rl, beta=0.3, mask=mask)
+  assert abs(float(masked) - _reference_dpo(pw[:2], pl[:2], rw[:2], rl[:2], 0.3)) < 1e-5
+
+
+def test_minimal_edit_pairs_differ_in_exactly_one_attribute_word():
+  dataset = synthetic.SyntheticTriModal(synthetic.SyntheticConfig(num_train=40, num_val=0,
+                                                                  num_test=0))
+  attrs = [synthetic.attributes_of(g) for g in dataset.groups("train")]
+  items = qa.items_for(40, ("image", "audio", "text"), qa.KINDS, 0, 0)
+  pairs = assistant.preference_pairs(items, attrs, seed=0, split_code=0)
+  assert len(pairs) == len(items)
+  for k, chosen, rejected in pairs:
+    item = items[k]
+    a, b = chosen.split(), rejected.split()
+    assert len(a) == len(b)
+    diff = [i for i in range(len(a)) if a[i] != b[i]]
+    assert len(diff) == 1, (chosen, rejected)
+    names = [n for n in synthetic.ATTRIBUTE_NAMES if a[diff[0]] in synthetic.VOCAB[n]]
+    assert names and b[diff[0]] in synthetic.VOCAB[names[0]]
+    assert a[diff[0]] == getattr(attrs[item.example], names[0])
+    if item.kind != "describe":
+      assert names[0] == item.kind and chosen == qa.answer_text(item.kind, attrs[item.example])
+
+
+def test_self_correction_pairs_fix_one_word_of_a_wrong_answer():
+  attrs = synthetic.Attributes("red", "star", "small", "left")
+  item = qa.QAItem(0, "image", "color", 0)
+  assert qa.correct_minimally("it is blue", item, attrs) == ("it is red", "it is blue")
+  assert qa.correct_minimally("it is red", item, attrs) is None
+  assert qa.correct_minimally("blue blue", item, attrs) is None
+  assert qa.correct_minimally("it is blue or green", item, attrs) is None
+  pos = qa.QAItem(0, "image", "position", 0)
+  assert qa.correct_minimally("it is at the right", pos, attrs) == ("it is at the left",
+                                                                   "it is at the right")
+  with pytest.raises(ValueError, match="exactly once"):
+    qa.minimal_edit("a red red star", "color", "red", "blue")
+
+
+def _tiny_model(kind="perceiver"):
+  codec = lm_lora.TextCodec(lm_lora.word_tokenizer(qa.question_words()), name="words")
+  cfg = decoder.DecoderConfig(family="llama", vocab_size=codec.vocab_size, hidden_size=32,
+                              intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8, layer_types=(decoder.FULL,) * 2,
+                              tie_word_embeddings=True, max_position_embeddings=64)
+  lm = decoder.Decoder(cfg)
+  lm_vars = lm.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  mods = (("image", adapters.AdapterConfig(kind=kind, hidden=16, depth=1, num_latents=3,
+                                           num_heads=2, factor=2), True),
+          ("audio", adapters.AdapterConfig(kind=kind, hidden=16, depth=1, num_latents=2,
+                                           num_heads=2, factor=2), False))
+  bridge = assistant.Bridge(mods, 32, 1.0)
+  feats = {"image/tokens": jnp.ones((2, 17, 12)), "image/token_mask": jnp.ones((2, 17), bool),
+           "image/valid": jnp.ones((2,), bool), "audio/tokens": jnp.ones((2, 5, 8)),
+           "audio/token_mask": jnp.ones((2, 5), bool), "audio/valid": jnp.ones((2,), bool)}
+  bparams = bridge.init(jax.random.key(1), feats)
+  num_soft = bridge.apply(bparams, feats)[0].shape[1]
+  model = assistant.Model(bridge, lm, None, codec, BOS, tuple(codec.encode("\nanswer:")),
+                          num_soft)
+  return model, lm_vars, {"bridge": bparams}, feats
+
+
+@pytest.mark.parametrize("kind,num_soft", [("perceiver", 3 + 2), ("compress", 4 + 3),
+                                           ("mlp", 17 + 5)])
+def test_absent_modalities_drop_out_through_masks(kind, num_soft):
+  """Whatever features a masked-out modality holds, the text logits are the same, and with no
+  modality they equal the plain LM on the text alone (same shapes throughout)."""
+  model, lm_vars, trainable, feats = _tiny_model(kind)
+  assert model.num_soft == num_soft
+  rng = np.random.default_rng(0)
+  seq = [assistant.text_sequence(BOS, model.codec.encode(q), model.sep_ids,
+                                 model.codec.encode(" " + a), model.codec.eos_id,
+                                 model.codec.pad_id, 16)
+         for q, a in (("what color is the shape?", "it is red"), ("describe the sound.", "a"))]
+  batch = dict(feats)
+  for j, key in enumerate(("text", "text/valid", "text/ar", "text/loss")):
+    batch[key] = np.stack([s[j] for s in seq])
+  batch["image/tokens"] = rng.normal(size=(2, 17, 12)).astype(np.float32)
+  batch["audio/tokens"] = rng.normal(size=(2, 5, 8)).astype(np.float32)
+  batch["audio/valid"] = np.array([False, True])
+  batch["image/valid"] = np.array([True, False])
+  first = np.asarray(model.text_logits(trainable, lm_vars, batch))
+  other = dict(batch)
+  other["audio/tokens"] = np.where(np.array([True, False])[:, None, None], 7.0,
+                                   batch["audio/tokens"])
+  other["image/tokens"] = np.where(np.array([False, True])[:, None, None], -3.0,
+                                   batch["image/tokens"])
+  second = np.asarray(model.text_logits(trainable, lm_vars, other))
+  np.testing.assert_allclose(first, second, rtol=1e-5, atol=1e-5)
+  moved = dict(batch, **{"image/tokens": batch["image/tokens"] + 1.0})
+  assert np.abs(np.asarray(model.text_logits(trainable, lm_vars, moved))[0] - first[0]).max() \
+      > 1e-4
+  none = dict(batch, **{"image/valid": np.zeros(2, bool), "audio/valid": np.zeros(2, bool)})
+  text_only = np.asarray(model.text_logits(trainable, lm_vars, none))
+  plain = np.asarray(model.lm.apply(lm_vars, batch["text"], mask=decoder.make_prefix_lm_mask(
+      batch["text/valid"], batch["text/ar"])))
+  seen = batch["text/valid"][:, :-1]
+  np.testing.assert_allclose(text_only[:, 1:][seen], plain[:, :-1][seen], rtol=1e-4, atol=1e-4)
