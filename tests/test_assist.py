@@ -136,9 +136,8 @@ def workdir(tmp_path_factory):
   """The tiny assistant (random encoders and 2-layer LM of `configs/assistant.py:qa,tiny`),
   trained once through the CLI as a user trains it; its answers are words, not good ones."""
   d = str(tmp_path_factory.mktemp("assistant"))
-  # max_len 48: the tiny config's 40 is one token short for its longest text-only items.
   proc = run_main("--config=configs/assistant.py:qa,tiny", f"--workdir={d}",
-                  "--config.train.steps=150", "--config.data.max_len=48", timeout=1500)
+                  "--config.train.steps=150", timeout=1500)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return d
 
