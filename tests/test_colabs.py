@@ -35,7 +35,8 @@ def runnable(source):
 
 
 def test_there_are_notebooks():
-  assert {"01_encoders_and_features.ipynb", "02_align_quickstart.ipynb"} <= set(NAMES)
+  assert {"01_encoders_and_features.ipynb", "02_align_quickstart.ipynb",
+          "03_assistant.ipynb"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -17,10 +17,17 @@ def user_env(xla_flags: str = ""):
   return env
 
 
-def run_main(*args, timeout=900, xla_flags=""):
-  """`python -m edgeglass_jax.main ARGS` from the repository root, as a user would run it."""
-  return subprocess.run([sys.executable, "-m", "edgeglass_jax.main", *args], cwd=ROOT,
-                        env=user_env(xla_flags), capture_output=True, text=True, timeout=timeout)
+def run_main(*args, timeout=900, xla_flags="", module="edgeglass_jax.main", env=None):
+  """`python -m MODULE ARGS` (default `edgeglass_jax.main`) from the repository root, as a user
+  would run it; `env` entries are added to (or, when None, removed from) the user's environment."""
+  run_env = user_env(xla_flags)
+  for key, value in (env or {}).items():
+    if value is None:
+      run_env.pop(key, None)
+    else:
+      run_env[key] = value
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=run_env,
+                        capture_output=True, text=True, timeout=timeout)
 
 
 def snapshot(root):

@@ -1,4 +1,5 @@
-"""The one PCM WAV reader (stdlib `wave`): files for sources and the ASR, bytes for espeak-ng."""
+"""The one PCM WAV reader (stdlib `wave`): files for sources and the ASR, bytes for espeak-ng;
+and its writer (16-bit PCM), for spoken answers."""
 from __future__ import annotations
 
 import io
@@ -58,3 +59,21 @@ def load_audio(path: Any, sr: int = SAMPLE_RATE) -> np.ndarray:
     g = np.gcd(rate, sr)
     samples = resample_poly(samples, sr // g, rate // g).astype(np.float32)
   return samples
+
+
+def write_wav(path: Any, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> str:
+  """Writes mono float samples in [-1, 1] (clipped) to `path` as 16-bit PCM WAV; returns the
+  path. `read_wav` of the file gives the samples back to within one 16-bit step."""
+  samples = np.asarray(samples, np.float32)
+  if samples.ndim != 1:
+    raise ValueError(f"{path}: expected mono 1-D samples, got shape {samples.shape}")
+  if not np.all(np.isfinite(samples)):
+    raise ValueError(f"{path}: samples contain NaN or Inf")
+  pcm = np.round(np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
+  path = os.fspath(path)
+  with wave.open(path, "wb") as f:
+    f.setnchannels(1)
+    f.setsampwidth(2)
+    f.setframerate(int(sample_rate))
+    f.writeframes(pcm.tobytes())
+  return path
