@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 
 from edgeglass_jax import main as entry
 from edgeglass_jax.tasks import distill, loop
-from tiny import ROOT, snapshot, tiny_align_config
+from tiny import ROOT, run_exported, snapshot, tiny_align_config
 
 
 def _distill_config(arg):
@@ -156,10 +156,7 @@ def test_export_int8_student(stage2, tmp_path):
   """StableHLO equals the JAX int8 student bitwise; the full-int8 TFLite model predicts the
   same zero-shot class (4 attributes) for >= 98% of the images of both views."""
   pytest.importorskip("ai_edge_litert", reason="running .tflite files needs ai-edge-litert")
-  import subprocess
-  import sys
   from edgeglass_jax import export, sharding
-  from tiny import user_env
   config, _, workdir = stage2
   assert distill.export_spec(f"{workdir},1").example[0].shape == (1, 32, 32, 3)
   spec = distill.export_spec(workdir)
@@ -179,12 +176,7 @@ def test_export_int8_student(stage2, tmp_path):
   representative = [(np.resize(calib, x.shape),)]  # the run's calibration images, tiled
   tfl = str(tmp_path / "student.tflite")
   export.export_tflite(module, served, (x,), tfl, representative=representative)
-  np.save(tmp_path / "x.npy", x)
-  run = subprocess.run([sys.executable, "-m", "edgeglass_jax.export", "run", tfl,
-                        f"--input={tmp_path / 'x.npy'}", f"--output={tmp_path / 'y.npz'}"],
-                       cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=300)
-  assert run.returncode == 0, run.stderr[-2000:]
-  z_tfl = np.load(tmp_path / "y.npz")["arr_0"]
+  z_tfl = run_exported(tfl, x, tmp_path)
   agree = [np.argmax(z_tfl @ p.T, 1) == np.argmax(jax_int8 @ p.T, 1) for p in t.prompts.values()]
   rate = float(np.mean(agree))
   rel = np.linalg.norm(z_tfl - jax_int8, axis=1) / np.linalg.norm(jax_int8, axis=1)

@@ -15,23 +15,7 @@ import pytest
 from flax import traverse_util
 
 from edgeglass_jax.encoders import dinov2, text, vit, whisper
-
-
-class RecordingQuant:
-  """`dot_general_cls(kernel_axes)` records the axes asked for and counts the matmuls run."""
-
-  def __init__(self):
-    self.axes, self.calls = [], 0
-
-  def dot_general_cls(self, kernel_axes):
-    self.axes.append(tuple(kernel_axes))
-
-    def factory():
-      def dot_general(*args, **kwargs):
-        self.calls += 1
-        return jax.lax.dot_general(*args, **kwargs)
-      return dot_general
-    return factory
+from tiny import RecordingQuant
 
 
 VIT = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=48,

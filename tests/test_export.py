@@ -8,13 +8,12 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from edgeglass_jax import adapters, export, quant
-from tiny import ROOT, user_env
+from tiny import ROOT, run_exported, user_env
 
 pytest.importorskip("ai_edge_litert", reason="running .tflite files needs ai-edge-litert")
 
@@ -78,12 +77,7 @@ def test_tflite_int8_agrees_with_jax_int8(classifier, tmp_path):
                               representative=[(x_train[i:i + N_TEST],) for i in (0, 200)])
   assert size == os.path.getsize(path)
   assert size < 0.5 * quant.tree_bytes(quant.dequantize(module, served)[1])  # int8, not float
-  np.save(tmp_path / "x.npy", x_test)
-  run = subprocess.run([sys.executable, "-m", "edgeglass_jax.export", "run", path,
-                        f"--input={tmp_path / 'x.npy'}", f"--output={tmp_path / 'y.npz'}"],
-                       cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=300)
-  assert run.returncode == 0, run.stderr[-2000:]
-  z_tfl = np.load(tmp_path / "y.npz")["arr_0"]
+  z_tfl = run_exported(path, x_test, tmp_path)
   z_jax = np.asarray(module.apply(served, x_test)[16])
   assert (z_jax[:, :CLASSES].argmax(1) == y_test).mean() > 0.9  # the classifier works
   agree = (z_tfl[:, :CLASSES].argmax(1) == z_jax[:, :CLASSES].argmax(1)).mean()

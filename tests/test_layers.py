@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from edgeglass_jax import layers
+from tiny import RecordingQuant
 
 RNG = np.random.default_rng(0)
 
@@ -148,23 +149,6 @@ def test_rope_rotates_pairs_and_preserves_relative_positions():
   dots = [np.sum(np.asarray(layers.rotary_embedding(q, np.array([[m]]))) *
                  np.asarray(layers.rotary_embedding(k, np.array([[n]])))) for m, n in ((3, 1), (7, 5))]
   np.testing.assert_allclose(dots[0], dots[1], rtol=1e-4)
-
-
-class RecordingQuant:
-  """A quantization object: records each kernel's logical axes, counts the matmuls it runs."""
-
-  def __init__(self):
-    self.axes, self.calls = [], 0
-
-  def dot_general_cls(self, kernel_axes):
-    self.axes.append(kernel_axes)
-
-    def factory():
-      def dot_general(*args, **kwargs):
-        self.calls += 1
-        return jax.lax.dot_general(*args, **kwargs)
-      return dot_general
-    return factory
 
 
 def test_dense_takes_a_quant_object_that_sees_the_kernel_axes():

@@ -91,3 +91,35 @@ def tiny_align_config(tmp_dir, n=48, steps=6, batch_size=16):
   config.model.adapters.audio.kind = "mean"
   config.loss.cycle_weight = 0.1
   return config
+
+
+class RecordingQuant:
+  """A quantization object (`layers.Quant`): records each kernel's logical axes it is asked for
+  and counts the matmuls its dot_generals run (plain `lax.dot_general`)."""
+
+  def __init__(self):
+    self.axes, self.calls = [], 0
+
+  def dot_general_cls(self, kernel_axes):
+    self.axes.append(tuple(kernel_axes))
+
+    def factory():
+      def dot_general(*args, **kwargs):
+        import jax
+        self.calls += 1
+        return jax.lax.dot_general(*args, **kwargs)
+      return dot_general
+    return factory
+
+
+def run_exported(artifact, x, tmp_path):
+  """Runs `python -m edgeglass_jax.export run ARTIFACT` on `x` in its own process (the TFLite
+  runtime aborts in a process that imported TensorFlow) and returns its first output."""
+  import numpy as np
+  np.save(tmp_path / "x.npy", x)
+  run = subprocess.run([sys.executable, "-m", "edgeglass_jax.export", "run", str(artifact),
+                        f"--input={tmp_path / 'x.npy'}", f"--output={tmp_path / 'y.npz'}"],
+                       cwd=ROOT,
+                       env=user_env(), capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  return np.load(tmp_path / "y.npz")["arr_0"]
