@@ -95,3 +95,26 @@ def memory_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
   dst = np.empty_like(src)
   best = min(timeit_once(lambda: np.copyto(dst, src)) for _ in range(reps))
   return 2 * nbytes / best
+
+
+def add_lm_args(p, names, new_tokens: int):
+  """The arguments benchmarks/decode.py and edge.py share: which benchmarks, reps, XLA flags and
+  the SmolLM2 generate shape (batches, prompt length, new tokens)."""
+  p.add_argument("--only", default=",".join(names), help="comma-separated subset of " + ",".join(names))
+  p.add_argument("--reps", type=int, default=5, help="timed calls per runner")
+  p.add_argument("--lm-batch", default="1,8", help="comma-separated lm batch sizes")
+  p.add_argument("--prompt-len", type=int, default=64, help="lm prompt tokens per row")
+  p.add_argument("--new-tokens", type=int, default=new_tokens, help="lm new tokens per row")
+  p.add_argument("--xla-flags", default="", help="XLA_FLAGS for this run (replaces the env's)")
+
+
+def check_lm_args(p, args, names):
+  """Parses `--only` and `--lm-batch` in place; a wrong name or batch is a parser error."""
+  args.only = [m.strip() for m in args.only.split(",") if m.strip()]
+  unknown = sorted(set(args.only) - set(names))
+  if unknown:
+    p.error(f"--only: unknown benchmark(s) {unknown}; choose from {list(names)}")
+  try:
+    args.lm_batch = [int(b) for b in args.lm_batch.split(",") if b.strip()]
+  except ValueError:
+    p.error(f"--lm-batch: expected integers, got {args.lm_batch!r}")

@@ -52,25 +52,12 @@ import common  # noqa: E402  (benchmarks/common.py: no jax import)
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--only", default=",".join(BENCHMARK_NAMES),
-                 help="comma-separated subset of " + ",".join(BENCHMARK_NAMES))
-  p.add_argument("--reps", type=int, default=5, help="timed calls per runner")
+  common.add_lm_args(p, BENCHMARK_NAMES, new_tokens=128)
   p.add_argument("--asr-batch", type=int, default=8, help="asr.transcribe batch_size")
-  p.add_argument("--lm-batch", default="1,8", help="comma-separated lm batch sizes")
-  p.add_argument("--prompt-len", type=int, default=64, help="lm prompt tokens per row")
-  p.add_argument("--new-tokens", type=int, default=128, help="lm tokens generated per row")
   p.add_argument("--torch-threads", default="1,all",
                  help="comma-separated torch thread counts to time ('all' = os.cpu_count())")
-  p.add_argument("--xla-flags", default="", help="XLA_FLAGS for this run (replaces the env's)")
   args = p.parse_args(argv)
-  args.only = [m.strip() for m in args.only.split(",") if m.strip()]
-  unknown = sorted(set(args.only) - set(BENCHMARK_NAMES))
-  if unknown:
-    p.error(f"--only: unknown benchmark(s) {unknown}; choose from {list(BENCHMARK_NAMES)}")
-  try:
-    args.lm_batch = [int(b) for b in args.lm_batch.split(",") if b.strip()]
-  except ValueError:
-    p.error(f"--lm-batch: expected integers, got {args.lm_batch!r}")
+  common.check_lm_args(p, args, BENCHMARK_NAMES)
   try:
     args.torch_threads = sorted({os.cpu_count() if t.strip() == "all" else int(t)
                                  for t in args.torch_threads.split(",") if t.strip()})

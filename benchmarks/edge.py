@@ -44,15 +44,9 @@ BENCHMARK_NAMES = ("lm", "student")
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--only", default=",".join(BENCHMARK_NAMES),
-                 help="comma-separated subset of " + ",".join(BENCHMARK_NAMES))
-  p.add_argument("--reps", type=int, default=5, help="timed calls per runner")
-  p.add_argument("--lm-batch", default="1,8", help="comma-separated lm batch sizes")
-  p.add_argument("--prompt-len", type=int, default=64, help="lm prompt tokens per row")
-  p.add_argument("--new-tokens", type=int, default=64, help="lm new tokens per row")
+  common.add_lm_args(p, BENCHMARK_NAMES, new_tokens=64)
   p.add_argument("--int8-attention", action="store_true",
                  help="also quantize the attention einsums (q.k, p.v)")
-  p.add_argument("--xla-flags", default="", help="XLA_FLAGS for this run (replaces the env's)")
   p.add_argument("--workdir", default="runs/distill/s2",
                  help="student: a finished distill run (student.json, student_*.safetensors)")
   p.add_argument("--student-batch", default="1,32", help="comma-separated student batch sizes")
@@ -66,11 +60,7 @@ def parse_args(argv=None):
                  help="student: also time HF PyTorch on the same ViT")
   p.add_argument("--torch-threads", type=int, default=0, help="torch threads (0: its default)")
   args = p.parse_args(argv)
-  args.only = [s for s in args.only.split(",") if s]
-  unknown = sorted(set(args.only) - set(BENCHMARK_NAMES))
-  if unknown:
-    p.error(f"--only: unknown benchmarks {unknown}; known: {list(BENCHMARK_NAMES)}")
-  args.lm_batch = [int(b) for b in args.lm_batch.split(",")]
+  common.check_lm_args(p, args, BENCHMARK_NAMES)
   args.student_batch = [int(b) for b in args.student_batch.split(",")]
   return args
 
