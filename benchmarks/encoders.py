@@ -225,8 +225,21 @@ def attention_xla_dpa(q, k, v, mask, scale):
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
 
 
+LIBRARY_ATTENTION = layers.dot_product_attention
+
+
+def attention_onepiece(q, k, v, mask, scale, **kw):
+  """The library's attention with the CPU block loop turned off (all logits in one piece)."""
+  saved = layers.BLOCKED_CPU_ATTENTION_MIN_LOGITS
+  layers.BLOCKED_CPU_ATTENTION_MIN_LOGITS = float("inf")
+  try:
+    return LIBRARY_ATTENTION(q, k, v, mask, scale, **kw)
+  finally:
+    layers.BLOCKED_CPU_ATTENTION_MIN_LOGITS = saved
+
+
 VARIANTS = {"bhqk": attention_bhqk, "headmajor": attention_headmajor,
-            "jax.nn.dpa": attention_xla_dpa}
+            "jax.nn.dpa": attention_xla_dpa, "onepiece": attention_onepiece}
 
 
 def compile_patched(attention, module, params, *inputs):

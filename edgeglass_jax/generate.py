@@ -18,6 +18,7 @@ new tokens are causal and see the whole prompt.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, Optional
 
 import jax
@@ -57,14 +58,16 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_k: 
   return jax.random.categorical(rng, logits, -1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "temperature", "top_k",
-                                             "top_p", "eos_id", "cache_dtype"))
-def _generate(params, ids, valid, rng, embeds, mask_ar, *, module, max_new_tokens: int,
-              temperature: float, top_k: int, top_p: float, eos_id: Optional[int],
-              cache_dtype: Any):
+_STATIC = ("module", "max_new_tokens", "temperature", "top_k", "top_p")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("cache_dtype",))
+def _prefill(params, ids, valid, rng, embeds, mask_ar, *, module, max_new_tokens: int,
+             temperature: float, top_k: int, top_p: float, cache_dtype: Any):
+  """The prompt `[B, T]` into a fresh cache of `T + max_new_tokens` slots, and the first token:
+  the sampling state that `_decode_loop` continues."""
   b, t = valid.shape
   slots = t + max_new_tokens
-  fill = 0 if eos_id is None else eos_id
   positions = jnp.maximum(jnp.cumsum(valid, 1) - 1, 0).astype(jnp.int32)
   key_valid = jnp.concatenate([valid, jnp.ones((b, max_new_tokens), bool)], 1)
   slot = jnp.arange(slots)
@@ -78,11 +81,21 @@ def _generate(params, ids, valid, rng, embeds, mask_ar, *, module, max_new_token
   logits, cache = module.apply(params, ids, cache, positions, prefill_mask, method="decode",
                                last_only=True, **soft)
   rng, first_rng = jax.random.split(rng)
-  state = dict(step=jnp.int32(0), done=jnp.zeros((b,), bool),
-               next_token=sample_logits(logits[:, -1], first_rng, temperature, top_k, top_p),
-               position=positions[:, -1] + 1, tokens=jnp.full((b, max_new_tokens), fill,
-                                                              jnp.int32),
-               cache=cache, rng=rng)
+  return dict(step=jnp.int32(0), done=jnp.zeros((b,), bool),
+              next_token=sample_logits(logits[:, -1], first_rng, temperature, top_k, top_p),
+              position=positions[:, -1] + 1, tokens=jnp.zeros((b, max_new_tokens), jnp.int32),
+              key_valid=key_valid, cache=cache, rng=rng)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("eos_id",))
+def _decode_loop(params, state, *, module, max_new_tokens: int, temperature: float, top_k: int,
+                 top_p: float, eos_id: Optional[int]):
+  """`max_new_tokens - 1` single-token steps of a `lax.while_loop` (stopping early when every
+  row has produced `eos_id`) -> int32 `[B, max_new_tokens]`."""
+  fill = 0 if eos_id is None else eos_id
+  key_valid = state["key_valid"]
+  t = key_valid.shape[1] - max_new_tokens
+  slot = jnp.arange(key_valid.shape[1])
 
   def record(s):
     token = jnp.where(s["done"], fill, s["next_token"])
@@ -98,10 +111,11 @@ def _generate(params, ids, valid, rng, embeds, mask_ar, *, module, max_new_token
     logits, cache = module.apply(params, token[:, None], s["cache"], s["position"][:, None],
                                  mask, method="decode")
     rng, step_rng = jax.random.split(s["rng"])
-    return dict(step=s["step"] + 1, done=done,
+    return dict(s, step=s["step"] + 1, done=done,
                 next_token=sample_logits(logits[:, -1], step_rng, temperature, top_k, top_p),
                 position=s["position"] + 1, tokens=tokens, cache=cache, rng=rng)
 
+  state = dict(state, tokens=jnp.full_like(state["tokens"], fill))
   if max_new_tokens == 0:
     return state["tokens"]
   return record(jax.lax.while_loop(cond, body, state))[1]
@@ -110,7 +124,8 @@ def _generate(params, ids, valid, rng, embeds, mask_ar, *, module, max_new_token
 def generate(module, params, input_ids, max_new_tokens: int, *, attention_mask=None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              eos_id: Optional[int] = None, rng: Optional[jax.Array] = None,
-             cache_dtype=jnp.float32, inputs_embeds=None, mask_ar=None) -> jax.Array:
+             cache_dtype=jnp.float32, inputs_embeds=None, mask_ar=None,
+             timings: Optional[dict] = None) -> jax.Array:
   """Continues each prompt row of `input_ids [B, T]` by `max_new_tokens` tokens.
 
   `attention_mask [B, T]` marks the real tokens of ragged prompts (left- or right-padded; real
@@ -122,6 +137,9 @@ def generate(module, params, input_ids, max_new_tokens: int, *, attention_mask=N
   Prefix-LM prompts: `inputs_embeds [B, T, D]` (already scaled, as `Decoder.embed` gives them)
   stand for the prompt in place of `input_ids` (pass None), and `mask_ar [B, T]` (0 = prefix,
   bidirectional; 1 = causal) shapes the prefill's attention as `decoder.make_prefix_lm_mask`.
+
+  `timings`, a dict, receives the wall-clock seconds of `prefill` (the prompt and the first
+  token) and `decoding` (the other tokens), each waited for.
   """
   if (input_ids is None) == (inputs_embeds is None):
     raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -164,10 +182,20 @@ def generate(module, params, input_ids, max_new_tokens: int, *, attention_mask=N
       packed_embeds[row, bucket - len(real):] = embeds[row][keep]
     if ar is not None:
       packed_ar[row, bucket - len(real):] = ar[row][keep]
-  return _generate(params, None if embeds is not None else jnp.asarray(packed),
+  static = dict(module=module, max_new_tokens=int(max_new_tokens),
+                temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+  t0 = time.perf_counter()
+  state = _prefill(params, None if embeds is not None else jnp.asarray(packed),
                    jnp.asarray(packed_valid), jax.random.key(0) if rng is None else rng,
                    None if embeds is None else jnp.asarray(packed_embeds),
-                   None if ar is None else jnp.asarray(packed_ar), module=module,
-                   max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                   top_k=int(top_k), top_p=float(top_p),
-                   eos_id=None if eos_id is None else int(eos_id), cache_dtype=cache_dtype)
+                   None if ar is None else jnp.asarray(packed_ar), cache_dtype=cache_dtype,
+                   **static)
+  if timings is not None:
+    jax.block_until_ready(state)
+    timings["prefill"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+  tokens = _decode_loop(params, state, eos_id=None if eos_id is None else int(eos_id), **static)
+  if timings is not None:
+    jax.block_until_ready(tokens)
+    timings["decoding"] = time.perf_counter() - t0
+  return tokens

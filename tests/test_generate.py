@@ -92,10 +92,20 @@ def test_sampling_settings(model):
 
 def test_one_compilation_per_prompt_bucket(model):
   module, params = model
-  before = generate._generate._cache_size()
+  jitted = (generate._prefill, generate._decode_loop)
+  before = [f._cache_size() for f in jitted]
   for p in ([1, 2, 3], [4, 5, 6, 7, 8], [9] * 11):  # all in the 16-token bucket
     generate.generate(module, params, np.asarray([p]), 5)
-  assert generate._generate._cache_size() - before <= 1
+  assert all(f._cache_size() - n <= 1 for f, n in zip(jitted, before))
+
+
+def test_timings_split_prefill_from_decoding(model):
+  module, params = model
+  timings = {}
+  tokens = generate.generate(module, params, np.asarray([PROMPTS[0]]), 6, timings=timings)
+  np.testing.assert_array_equal(tokens, generate.generate(module, params,
+                                                          np.asarray([PROMPTS[0]]), 6))
+  assert set(timings) == {"prefill", "decoding"} and all(v > 0 for v in timings.values())
 
 
 def test_prompt_plus_new_tokens_beyond_the_context_names_both(model):

@@ -276,12 +276,18 @@ class Decoding:
     return embeds, mask, mask_ar
 
   def __call__(self, trainable, lm_vars, batch, max_new_tokens: int,
-               served=None) -> List[str]:
+               served=None, timings: Optional[dict] = None) -> List[str]:
+    """`timings` (a dict) receives `generate`'s `prefill` and `decoding` seconds; the prefix
+    embedding counts into `prefill`."""
+    t0 = time.perf_counter()
     embeds, mask, mask_ar = self.prefix(trainable, lm_vars, batch)
     served = self._merge(trainable, lm_vars) if served is None else served
+    prefix_seconds = time.perf_counter() - t0
     tokens = np.asarray(generate.generate(
         self.model.lm, served, None, max_new_tokens, attention_mask=mask, inputs_embeds=embeds,
-        mask_ar=mask_ar, eos_id=self.model.codec.eos_id))
+        mask_ar=mask_ar, eos_id=self.model.codec.eos_id, timings=timings))
+    if timings is not None:
+      timings["prefill"] += prefix_seconds
     return [decode_answer(self.model.codec, row) for row in tokens]
 
 
@@ -983,12 +989,8 @@ class Assistant:
           f"exceed the context of {self.context_length} positions")
     text = self.model.prompt(prompt, generate.prompt_bucket(text_len))
     batch.update({k: v[None] for k, v in text.items()})
-    t0 = time.perf_counter()
-    self.decoding(self.trainable, self.lm_vars, batch, 1, self.served)
-    timings["prefill"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    text_out = self.decoding(self.trainable, self.lm_vars, batch, max_new_tokens, self.served)[0]
-    timings["decoding"] = max(time.perf_counter() - t0 - timings["prefill"], 0.0)
+    text_out = self.decoding(self.trainable, self.lm_vars, batch, max_new_tokens, self.served,
+                             timings)[0]
     return Answer(text_out, timings)
 
 
