@@ -168,3 +168,63 @@ def test_absent_modalities_drop_out_through_masks(kind, num_soft):
       batch["text/valid"], batch["text/ar"])))
   seen = batch["text/valid"][:, :-1]
   np.testing.assert_allclose(text_only[:, 1:][seen], plain[:, :-1][seen], rtol=1e-4, atol=1e-4)
+
+
+def _assistant_config(arg):
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", "assistant.py")
+  spec = importlib.util.spec_from_file_location("assistant_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_scratch_lm_starts_from_the_loaded_lm_and_learns_from_informative_tokens():
+  """`lm.train_all` trains the loaded LM (its embedding scale is what the bridge's output scale
+  was measured on), and the path soft tokens -> answer is learnable: with image tokens that
+  encode the colour, 60 Adam steps make every teacher-forced colour answer exact."""
+  import optax
+  from flax import linen as nn
+  config = _assistant_config("qa,tiny,scratch")
+  dims = {"image": (9, 12), "audio": (5, 8)}
+  model, lm_vars, _ = assistant.build_model(config, dims)
+  trainable = nn.meta.unbox(assistant.init_trainable(model, lm_vars, dims, config,
+                                                     jax.random.key(0)))
+  loaded = nn.meta.unbox(lm_vars)
+  jax.tree.map(np.testing.assert_array_equal, trainable["lm"], loaded)
+  emb = np.asarray(loaded["params"]["embedder"]["embedding"])
+  assert model.bridge.out_scale == pytest.approx(float(np.sqrt(np.mean(emb ** 2))), rel=1e-5)
+
+  colors = synthetic.COLORS
+  seqs = [assistant.text_sequence(model.bos_id, model.codec.encode("what color is the shape?"),
+                                  model.sep_ids, model.codec.encode(f" it is {c}"),
+                                  model.codec.eos_id, model.codec.pad_id, 24) for c in colors]
+  code = np.zeros((len(colors), 9, 12), np.float32)
+  code[np.arange(len(colors)), :, np.arange(len(colors))] = 3.0
+  batch = {"image/tokens": code, "image/token_mask": np.ones((len(colors), 9), bool),
+           "image/valid": np.ones(len(colors), bool),
+           "audio/tokens": np.zeros((len(colors), 5, 8), np.float32),
+           "audio/token_mask": np.ones((len(colors), 5), bool),
+           "audio/valid": np.zeros(len(colors), bool)}
+  for j, key in enumerate(("text", "text/valid", "text/ar", "text/loss")):
+    batch[key] = np.stack([s[j] for s in seqs])
+  batch = jax.tree.map(jnp.asarray, batch)
+  opt = optax.adam(3e-3)
+
+  def loss(tr):
+    nll, count = model.answer_nll(tr, None, batch)
+    return jnp.mean(nll / count)
+
+  @jax.jit
+  def step(tr, state):
+    grads = jax.grad(loss)(tr)
+    updates, state = opt.update(grads, state, tr)
+    return optax.apply_updates(tr, updates), state
+
+  state = opt.init(trainable)
+  for _ in range(60):
+    trainable, state = step(trainable, state)
+  pred = np.asarray(model.text_logits(trainable, None, batch)).argmax(-1)
+  answer = np.asarray(batch["text/loss"]) > 0
+  assert np.all((pred == np.asarray(batch["text"])) | ~answer)

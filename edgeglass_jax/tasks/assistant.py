@@ -540,7 +540,10 @@ def init_trainable(model: Model, lm_vars, dims, config, rng, init_values=None):
   tree = {"bridge": model.bridge.init(r1, dummy_features(dims, config.bridge.modalities))}
   dummy = decoder.dummy_inputs()
   if config.lm.train_all:
-    tree["lm"] = model.lm.init(r2, *dummy)
+    # The loaded LM (random: embeddings of std 1/sqrt(width)), whose embedding RMS the bridge's
+    # out_scale was measured on; a fresh `init` would give std-1 embeddings and logits of std
+    # ~sqrt(width), and soft tokens sqrt(width) times smaller than the text's.
+    tree["lm"] = lm_vars
   elif model.lora is not None:
     abstract = jax.eval_shape(model.lm.init, jax.random.key(0), *dummy)
     tree["lora"] = peft.init_lora(model.lm, abstract, *dummy, rng=r2, config=model.lora)
