@@ -50,6 +50,9 @@ def get_config(arg: str = "caption"):
   hidden = 64 if tiny else 256
   config.bridge = dict(
       modalities=("image", "audio"),
+      # A finished align run to start the bridge from (its config: align_config): each bridged
+      # modality it trained with the same adapter kind and sizes takes every layer but the head.
+      init_from_align="", align_config="configs/quickstart.py",
       image=configs.adapter(kind="perceiver", hidden=hidden, depth=1,
                             num_latents=8 if tiny else 32, factor=3),
       audio=configs.adapter(kind="perceiver", hidden=hidden, depth=1,

@@ -5,9 +5,28 @@ checked against a complete, locked tree and a typo fails with the key's name.
 """
 from __future__ import annotations
 
+import json
+import os
+
 import ml_collections as mlc
 
 from edgeglass_jax import MODALITIES
+
+
+def load(spec: str) -> mlc.ConfigDict:
+  """An experiment config from `path.py[:arg]` (its `get_config(arg)`) or a `.json` dump;
+  `FileNotFoundError` names the path when there is none."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} does not exist")
+  if path.endswith(".json"):
+    with open(path) as f:
+      return mlc.ConfigDict(json.load(f))
+  import importlib.util
+  module_spec = importlib.util.spec_from_file_location("_loaded_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def synthetic_data(num_train=1024, num_val=256, num_test=256, image_size=64,

@@ -203,3 +203,36 @@ def test_named_errors(teacher, stage1, tmp_path):
   with pytest.raises(loop.CheckpointMismatchError):
     entry.run(config, stage1[1])
   assert snapshot(stage1[1]) == before
+
+
+def test_assistant_bridge_starts_from_the_align_run(teacher):
+  """`config.bridge.init_from_align`: the bridge's per-token MLP projectors start as the align
+  run's trained adapter projectors (the head is left out); a bridge of other sizes is a named
+  mismatch; a kind the align run did not train starts fresh."""
+  from flax import linen as nn
+  from edgeglass_jax import configs, sharding
+  from edgeglass_jax.tasks import assistant
+  workdir, path = teacher
+  config = configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":caption,tiny")
+  config.bridge.init_from_align, config.bridge.align_config = workdir, path
+  for m in ("image", "audio"):
+    config.bridge[m].update(kind="mlp", hidden=32, depth=1)
+  aligned = assistant.aligned_adapters(config, sharding.make_mesh(config.mesh))
+  assert sorted(aligned) == ["audio", "image"]
+  assert all("head" in aligned[m] for m in aligned)
+  dims = {m: (5, aligned[m]["projector"]["in_proj"]["kernel"].shape[0]) for m in aligned}
+  model, lm_vars, _ = assistant.build_model(config, dims)
+  tree = nn.meta.unbox(assistant.init_trainable(model, lm_vars, dims, config, jax.random.key(0),
+                                                aligned=aligned))
+  for m in aligned:
+    jax.tree.map(np.testing.assert_array_equal, tree["bridge"]["params"][m]["projector"],
+                 aligned[m]["projector"])
+  fresh = nn.meta.unbox(assistant.init_trainable(model, lm_vars, dims, config, jax.random.key(0)))
+  np.testing.assert_array_equal(tree["bridge"]["params"]["image"]["to_lm"]["kernel"],
+                                fresh["bridge"]["params"]["image"]["to_lm"]["kernel"])
+  config.bridge.image.hidden = 48
+  model, lm_vars, _ = assistant.build_model(config, dims)
+  with pytest.raises(loop.CheckpointMismatchError, match=r"image adapter.*projector"):
+    assistant.init_trainable(model, lm_vars, dims, config, jax.random.key(0), aligned=aligned)
+  config.bridge.image.update(kind="perceiver", hidden=32)
+  assert sorted(assistant.aligned_adapters(config, sharding.make_mesh(config.mesh))) == ["audio"]

@@ -238,6 +238,23 @@ def feature_keys(config) -> Dict[str, Tuple[str, ...]]:
           if config.model.adapters[m].kind == "mlp"}
 
 
+def restore_trained(config, workdir: str, feature_dir: str, mesh) -> Tuple[Aligner, dict, int]:
+  """(model, numpy params, step) of the align run in `workdir`, trained with `config` on the
+  features cached in `feature_dir`: what later tasks start from (a distilled student's teacher,
+  an assistant's bridge). Another model's checkpoint raises `loop.CheckpointMismatchError`, none
+  `FileNotFoundError`; nothing is written."""
+  model = build_model(config)
+  source = pipeline.FeatureSource(os.path.join(feature_dir, config.train.split),
+                                  tuple(config.modalities), keys=feature_keys(config))
+  example = source.get_batch(np.arange(2), 0)
+  task = loop.Task(init_params=lambda r: model.init(r, example), loss_fn=None, train_iter=None)
+  abstract, _ = loop.abstract_state(task, loop.make_optimizer(config.train), mesh,
+                                    jax.random.key(0))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
+  step, params = loop.restore_params(os.path.join(workdir, "checkpoints"), abstract)
+  return model, jax.tree.map(np.asarray, params), step
+
+
 def make_task(config, workdir: str, mesh) -> loop.Task:
   """The align task's model, loss, data and eval on the run's `mesh` for the shared loop
   (features extracted first)."""

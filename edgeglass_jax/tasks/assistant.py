@@ -40,7 +40,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -533,11 +532,59 @@ def dummy_features(dims, modalities, batch: int = 1):
   return out
 
 
-def init_trainable(model: Model, lm_vars, dims, config, rng, init_values=None):
-  """Boxed trainable tree: the bridge, LoRA (qa, dpo) or the whole LM (`lm.train_all`), with
-  the subtrees of `init_values` (a previous stage's export) loaded."""
+def bridge_from_aligned(bridge, aligned: Dict[str, Any], source: str):
+  """The boxed bridge init `{"params": {m: ...}}` with, for each modality of `aligned` (`{m: a
+  trained align.ModalityAdapter's params}`), every layer but the Matryoshka head taken from it,
+  so the bridge starts from the aligned adapter (same kind and sizes: the layer names of
+  `ModalityBridge` and `ModalityAdapter` agree); `out_norm` and `to_lm` stay fresh. A layer the
+  bridge lacks, or one of another shape, raises `loop.CheckpointMismatchError` naming it."""
+  params = dict(bridge["params"])
+  for m, values in aligned.items():
+    if m not in params:
+      raise ValueError(f"{source}: modality {m!r} is not bridged (config.bridge.modalities)")
+    names = [k for k in values if k != "head"]
+    missing = [k for k in names if k not in params[m]]
+    if missing:
+      raise loop.CheckpointMismatchError(
+          f"{source}: the {m} adapter's layer {missing[0]!r} has no counterpart among the "
+          f"bridge's {sorted(params[m])}; give config.bridge.{m} the adapter's kind and sizes")
+    params[m] = load_into(dict(params[m]), values, f"{source} ({m} adapter)", names)
+  return dict(bridge, params=params)
+
+
+def aligned_adapters(config, mesh) -> Dict[str, Any]:
+  """`{m: adapter params}` of the align run `config.bridge.init_from_align` (trained with
+  `config.bridge.align_config`) for the bridged modalities whose adapter kind is the bridge's."""
+  from edgeglass_jax import configs as config_lib
+  from edgeglass_jax.tasks import align
+  workdir = os.path.abspath(config.bridge.init_from_align)
+  acfg = config_lib.load(config.bridge.align_config)
+  feature_dir = acfg.get("features_dir") or os.path.join(workdir, "features")
+  _, params, step = align.restore_trained(acfg, workdir, feature_dir, mesh)
+  out = {}
+  for m in config.bridge.modalities:
+    if m in acfg.modalities and acfg.model.adapters[m].kind == config.bridge[m].kind:
+      out[m] = params["params"][m]
+    else:
+      logging.info("bridge %s: the align run's adapter is not a %r one; it starts fresh", m,
+                   config.bridge[m].kind)
+  if not out:
+    raise ValueError(f"config.bridge.init_from_align={workdir}: none of its adapters "
+                     f"({ {m: acfg.model.adapters[m].kind for m in acfg.modalities} }) has the "
+                     f"bridge's kind ({ {m: config.bridge[m].kind for m in config.bridge.modalities} })")
+  logging.info("bridge starts from %s at step %d (%s)", workdir, step, sorted(out))
+  return out
+
+
+def init_trainable(model: Model, lm_vars, dims, config, rng, init_values=None, aligned=None):
+  """Boxed trainable tree: the bridge (from the `aligned` adapters, when given), LoRA (qa,
+  dpo) or the whole LM (`lm.train_all`), with the subtrees of `init_values` (a previous stage's
+  export) loaded over it."""
   r1, r2 = jax.random.split(rng)
   tree = {"bridge": model.bridge.init(r1, dummy_features(dims, config.bridge.modalities))}
+  if aligned:
+    tree["bridge"] = bridge_from_aligned(tree["bridge"], aligned,
+                                         config.bridge.get("init_from_align") or "aligned")
   dummy = decoder.dummy_inputs()
   if config.lm.train_all:
     # The loaded LM (random: embeddings of std 1/sqrt(width)), whose embedding RMS the bridge's
@@ -800,6 +847,8 @@ def make_task(config, workdir: str, mesh) -> loop.Task:
     raise ValueError("stage 'dpo' needs config.init_from (the qa stage's workdir): its model "
                      "is the policy's start and the frozen reference")
   init_values = read_export(config.init_from)[1] if config.init_from else None
+  aligned = (aligned_adapters(config, mesh) if config.bridge.get("init_from_align") and
+             init_values is None else None)
   feature_dir = ensure_features(config, workdir)
   dims = feature_dims(feature_dir, config.train.split)
   model, lm_vars, source = build_model(config, dims)
@@ -838,7 +887,8 @@ def make_task(config, workdir: str, mesh) -> loop.Task:
                                           jax.process_index(), jax.process_count())
   merged = _prefixless(evaluators)
   return loop.Task(
-      init_params=lambda rng: init_trainable(model, lm_vars, dims, config, rng, init_values),
+      init_params=lambda rng: init_trainable(model, lm_vars, dims, config, rng, init_values,
+                                             aligned),
       loss_fn=loss_fn if frozen is not None else (lambda p, b, r: loss_fn(p, None, b, r)),
       train_iter=train_iter,
       evaluate=merged if frozen is not None else (lambda p, step: merged(p, None, step)),

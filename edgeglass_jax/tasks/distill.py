@@ -43,7 +43,7 @@ import ml_collections as mlc
 import numpy as np
 from flax import linen as nn
 
-from edgeglass_jax import evaluate, layers, losses, quant
+from edgeglass_jax import configs, evaluate, layers, losses, quant
 from edgeglass_jax.data import depth as depth_view
 from edgeglass_jax.data import pipeline, sources
 from edgeglass_jax.encoders import vit
@@ -162,17 +162,10 @@ def view_pixels(batch, view: str) -> jax.Array:
 
 def load_config(spec: str) -> mlc.ConfigDict:
   """An experiment config from `path.py[:arg]` (its `get_config(arg)`) or a `.json` dump."""
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise TeacherError(f"distill.teacher_config={spec!r}: {path} does not exist")
-  if path.endswith(".json"):
-    with open(path) as f:
-      return mlc.ConfigDict(json.load(f))
-  import importlib.util
-  module_spec = importlib.util.spec_from_file_location("_teacher_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  try:
+    return configs.load(spec)
+  except FileNotFoundError as e:
+    raise TeacherError(f"distill.teacher_config={spec!r}: {e}") from e
 
 
 @dataclasses.dataclass
@@ -223,19 +216,10 @@ def load_teacher(dcfg, mesh) -> Teacher:
     if not os.path.isfile(os.path.join(feature_dir, split, "index.json")):
       raise TeacherError(f"the teacher's feature cache {feature_dir} lacks split {split!r} "
                          "(has the align run finished its extraction?)")
-  model = align.build_model(tcfg)
-  train_src = pipeline.FeatureSource(os.path.join(feature_dir, tcfg.train.split),
-                                     tuple(tcfg.modalities), keys=align.feature_keys(tcfg))
-  example = train_src.get_batch(np.arange(2), 0)
-  task = loop.Task(init_params=lambda r: model.init(r, example), loss_fn=None, train_iter=None)
-  abstract, _ = loop.abstract_state(task, loop.make_optimizer(tcfg.train), mesh,
-                                    jax.random.key(0))
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
   try:
-    step, params = loop.restore_params(os.path.join(workdir, "checkpoints"), abstract)
+    model, params, step = align.restore_trained(tcfg, workdir, feature_dir, mesh)
   except FileNotFoundError as e:
     raise TeacherError(f"distill.teacher_workdir={workdir}: {e}") from e
-  params = jax.tree.map(np.asarray, params)
   tasks = sources.zero_shot(tcfg.data)
   if tasks is None:
     raise TeacherError(f"the teacher's data source {tcfg.data.source!r} defines no zero-shot "
