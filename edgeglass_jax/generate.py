@@ -1,5 +1,6 @@
-"""Batched sampling from a cached decoder: prefill the prompt into the KV cache, then one jitted
-`lax.while_loop` over a sampling state (gemma `gm/text/_sampler_loop.py`). The prefill samples
+"""Batched sampling from a cached decoder: a jitted prefill of the prompt into the KV cache, then
+a jitted `lax.while_loop` over the sampling state it returns (gemma `gm/text/_sampler_loop.py`;
+two jits, so a caller can time the prefill and the decoding apart). The prefill samples
 the first token and each loop step one more, so `n` new tokens cost the prefill and `n - 1`
 single-token forward passes (none is run for logits nobody samples from, and the prefill
 projects only its last position onto the vocabulary). The module's `decode(ids, cache,
@@ -83,8 +84,7 @@ def _prefill(params, ids, valid, rng, embeds, mask_ar, *, module, max_new_tokens
   rng, first_rng = jax.random.split(rng)
   return dict(step=jnp.int32(0), done=jnp.zeros((b,), bool),
               next_token=sample_logits(logits[:, -1], first_rng, temperature, top_k, top_p),
-              position=positions[:, -1] + 1, tokens=jnp.zeros((b, max_new_tokens), jnp.int32),
-              key_valid=key_valid, cache=cache, rng=rng)
+              position=positions[:, -1] + 1, key_valid=key_valid, cache=cache, rng=rng)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("eos_id",))
@@ -115,7 +115,7 @@ def _decode_loop(params, state, *, module, max_new_tokens: int, temperature: flo
                 next_token=sample_logits(logits[:, -1], step_rng, temperature, top_k, top_p),
                 position=s["position"] + 1, tokens=tokens, cache=cache, rng=rng)
 
-  state = dict(state, tokens=jnp.full_like(state["tokens"], fill))
+  state = dict(state, tokens=jnp.full((key_valid.shape[0], max_new_tokens), fill, jnp.int32))
   if max_new_tokens == 0:
     return state["tokens"]
   return record(jax.lax.while_loop(cond, body, state))[1]
