@@ -51,8 +51,9 @@ import numpy as np
 from flax import linen as nn
 
 from edgeglass_jax import adapters, decoder, features, generate, layers, losses, peft
+from edgeglass_jax import configs as config_lib
 from edgeglass_jax.data import pipeline, qa, sources, synthetic
-from edgeglass_jax.tasks import extract, lm_lora, loop
+from edgeglass_jax.tasks import align, extract, lm_lora, loop
 
 STAGES = ("caption", "qa", "dpo")
 BRIDGE_MODALITIES = ("image", "audio")
@@ -555,8 +556,6 @@ def bridge_from_aligned(bridge, aligned: Dict[str, Any], source: str):
 def aligned_adapters(config, mesh) -> Dict[str, Any]:
   """`{m: adapter params}` of the align run `config.bridge.init_from_align` (trained with
   `config.bridge.align_config`) for the bridged modalities whose adapter kind is the bridge's."""
-  from edgeglass_jax import configs as config_lib
-  from edgeglass_jax.tasks import align
   workdir = os.path.abspath(config.bridge.init_from_align)
   acfg = config_lib.load(config.bridge.align_config)
   feature_dir = acfg.get("features_dir") or os.path.join(workdir, "features")
@@ -569,9 +568,10 @@ def aligned_adapters(config, mesh) -> Dict[str, Any]:
       logging.info("bridge %s: the align run's adapter is not a %r one; it starts fresh", m,
                    config.bridge[m].kind)
   if not out:
-    raise ValueError(f"config.bridge.init_from_align={workdir}: none of its adapters "
-                     f"({ {m: acfg.model.adapters[m].kind for m in acfg.modalities} }) has the "
-                     f"bridge's kind ({ {m: config.bridge[m].kind for m in config.bridge.modalities} })")
+    theirs = {m: acfg.model.adapters[m].kind for m in acfg.modalities}
+    ours = {m: config.bridge[m].kind for m in config.bridge.modalities}
+    raise ValueError(f"config.bridge.init_from_align={workdir}: none of its adapters {theirs} "
+                     f"has the bridge's kind {ours}")
   logging.info("bridge starts from %s at step %d (%s)", workdir, step, sorted(out))
   return out
 
