@@ -1,15 +1,17 @@
 """The assistant's pieces by hand: sequence and masks, loss mask, DPO loss, minimal-edit pairs,
 masked-out modalities, the bridge kinds."""
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edgeglass_jax import adapters, decoder, losses
+from edgeglass_jax import adapters, configs, decoder, losses
 from edgeglass_jax.data import qa, synthetic
 from edgeglass_jax.tasks import assistant, lm_lora
+from tiny import ROOT
 
 BOS, EOS, PAD = 1, 2, 0
 
@@ -170,23 +172,13 @@ def test_absent_modalities_drop_out_through_masks(kind, num_soft):
   np.testing.assert_allclose(text_only[:, 1:][seen], plain[:, :-1][seen], rtol=1e-4, atol=1e-4)
 
 
-def _assistant_config(arg):
-  import importlib.util
-  import os
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", "assistant.py")
-  spec = importlib.util.spec_from_file_location("assistant_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def test_scratch_lm_starts_from_the_loaded_lm_and_learns_from_informative_tokens():
   """`lm.train_all` trains the loaded LM (its embedding scale is what the bridge's output scale
   was measured on), and the path soft tokens -> answer is learnable: with image tokens that
   encode the colour, 60 Adam steps make every teacher-forced colour answer exact."""
   import optax
   from flax import linen as nn
-  config = _assistant_config("qa,tiny,scratch")
+  config = configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":qa,tiny,scratch")
   dims = {"image": (9, 12), "audio": (5, 8)}
   model, lm_vars, _ = assistant.build_model(config, dims)
   trainable = nn.meta.unbox(assistant.init_trainable(model, lm_vars, dims, config,

@@ -1,6 +1,5 @@
 """EdgeVL distillation: curation, the two-view student end to end on a tiny align teacher
 (stage 1, resume, stage 2 with int8 QAT from stage 1's workdir) and the named errors."""
-import importlib.util
 import json
 import os
 
@@ -9,17 +8,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from edgeglass_jax import configs
 from edgeglass_jax import main as entry
 from edgeglass_jax.tasks import distill, loop
 from tiny import ROOT, run_exported, snapshot, tiny_align_config
 
 
 def _distill_config(arg):
-  spec = importlib.util.spec_from_file_location("distill_config",
-                                                os.path.join(ROOT, "configs", "distill.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return configs.load(os.path.join(ROOT, "configs", "distill.py") + ":" + arg)
 
 
 def test_curate_keeps_exactly_the_top_fraction():
@@ -210,7 +206,7 @@ def test_assistant_bridge_starts_from_the_align_run(teacher):
   run's trained adapter projectors (the head is left out); a bridge of other sizes is a named
   mismatch; a kind the align run did not train starts fresh."""
   from flax import linen as nn
-  from edgeglass_jax import configs, sharding
+  from edgeglass_jax import sharding
   from edgeglass_jax.tasks import assistant
   workdir, path = teacher
   config = configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":caption,tiny")
