@@ -75,6 +75,20 @@ def test_blocked_lowering_has_the_dense_gradient(monkeypatch):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kv", [6, 2], ids=["mha", "gqa3"])
+def test_unmasked_bf16_attention_matches_float64_on_every_backend(kv):
+  """On a GPU this is cuDNN's fused kernel (and it must be taken there); elsewhere the XLA path."""
+  q, k, v = (jnp.asarray(RNG.standard_normal((2, 40, n, 64)), jnp.bfloat16)
+             for n in (6, kv, kv))
+  on_gpu = jax.default_backend() == "gpu"
+  assert (layers._attention_cudnn(q, k, v, 0.125) is not None) == on_gpu
+  out = jax.jit(lambda *a: layers.dot_product_attention(*a, None, 0.125))(q, k, v)
+  assert out.dtype == jnp.bfloat16
+  ref = reference_attention(q.astype(jnp.float32), k.astype(jnp.float32),
+                            v.astype(jnp.float32), None, 0.125)
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=2e-2)
+
+
 def test_attention_rejects_bad_head_counts():
   q, k, v = qkv(h=4, kv=3)
   with pytest.raises(ValueError, match="4 query heads are not a multiple of 3"):
