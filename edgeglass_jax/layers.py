@@ -38,8 +38,11 @@ class Quant(Protocol):
   """What `Dense` (and every module that passes `quant` down) asks of a quantization object.
 
   Optional members, read with `getattr`: `serving` (bool; True: the kernels live in the quant
-  object's collection, `Dense` makes no float kernel) and `einsum_cls()` (a zero-argument
-  factory of an `einsum(eqn, lhs, rhs)` callable for the attention core, or None).
+  object's collection, `Dense` makes no float kernel), `converting` (bool; True: this pass
+  writes the serving kernels) and `einsum_cls()` (a zero-argument factory of an
+  `einsum(eqn, lhs, rhs)` callable for the attention core, or None). A serving quant also has
+  `collection` and `stored_kernel(tree) -> (int8 value, scale)`, the kernel stored in `tree`
+  (the collection's subtree of one module), which `Embed` reads its rows from.
   """
 
   def dot_general_cls(self, kernel_axes: Tuple[Optional[str], ...]
@@ -443,6 +446,13 @@ class Embed(nn.Module):
 
   `__call__(ids [B, T]) -> [B, T, D]` looks rows up; `attend(x [B, T, D]) -> [B, T, V]` is the
   tied output projection `x @ table.T`, through the injectable dot_general.
+
+  Under an int8 `quant`, `attend` is an int8 matmul whose converted kernel is the table in int8
+  with one scale per row (per vocabulary entry), and serving keeps no float table: the lookup
+  reads the same int8 rows times their scales (CONVERT stores the table even when the model
+  never calls `attend`, as an untied LM's input embedding). So the table is stored once, at a
+  quarter of its float size, and the serving lookup differs from the float (TRAIN) one by that
+  rounding (at most half a step, `max|row| / 254`, per entry).
   """
   num_embeddings: int
   features: int
@@ -453,13 +463,26 @@ class Embed(nn.Module):
   quant: Optional[Quant] = None
 
   def setup(self):
-    self.embedding = self.param("embedding", _partitioned(self.embedding_init, ("vocab", "embed")),
-                                (self.num_embeddings, self.features), self.param_dtype)
+    shape = (self.num_embeddings, self.features)
+    if is_serving(self.quant):
+      self.embedding = jnp.zeros(shape, self.dtype)  # only its shape is read, as in `Dense`
+    else:
+      self.embedding = self.param("embedding", _partitioned(self.embedding_init,
+                                                            ("vocab", "embed")),
+                                  shape, self.param_dtype)
     self.attend_dot_general = make_dot_general(self.quant, self.dot_general_cls,
                                                ("vocab", "embed"))
 
   def __call__(self, ids: Array) -> Array:
-    return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
+    serving = is_serving(self.quant)
+    if getattr(self.quant, "converting", False) or (serving and self.is_initializing()):
+      # [1, 1, D] like the [B, T, D] calls: the stored scale takes the matmul output's rank
+      self.attend(jnp.zeros((1, 1, self.features), self.dtype))  # writes / declares the table
+    if not serving:
+      return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
+    value, scale = self.quant.stored_kernel(self.variables.get(self.quant.collection, {}))
+    rows = jnp.take(value, ids, axis=0).astype(self.dtype)
+    return rows * jnp.take(jnp.reshape(scale, (-1,)), ids, axis=0)[..., None].astype(self.dtype)
 
   def attend(self, x: Array) -> Array:
     x, table = nn.dtypes.promote_dtype(x, self.embedding, dtype=self.dtype)

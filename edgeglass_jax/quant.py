@@ -265,8 +265,21 @@ class Quant:
     return self.mode == "serve"
 
   @property
+  def converting(self) -> bool:
+    return self.mode == "convert"
+
+  @property
   def collection(self) -> str:
     return self.backend.collection
+
+  def stored_kernel(self, tree: Mapping[str, Any]) -> Tuple[Array, Array]:
+    """The `(int8 value, scale)` that `tree` (one module's subtree of the collection) holds."""
+    kernels = self.backend.converted_kernels(tree)
+    if () not in kernels:
+      raise NotConvertedError(f"SERVE: no converted int8 table in this module's "
+                              f"{self.collection!r} variables (found {sorted(kernels)}); pass "
+                              "the tree `quant.convert(...)` returned")
+    return kernels[()]
 
   def with_mode(self, mode: str) -> "Quant":
     return dataclasses.replace(self, mode=mode)
@@ -484,10 +497,12 @@ def dequantize(module: nn.Module, served: Mapping[str, Any]
   kernels are `int8 value * scale` (the graph TFLite's converter re-quantizes)."""
   q = module_quant(module)
   params = dict(_flat(served["params"]))
+  stored = _flat(served[q.collection])
   for owner, (value, scale) in q.backend.converted_kernels(served[q.collection]).items():
-    value = np.asarray(value, np.float32)
-    scale = np.asarray(scale, np.float32).reshape(-1)
-    if owner + ("embedding",) in params:  # Embed.attend: table [V, D], one scale per row
+    value, scale = np.asarray(value, np.float32), np.asarray(scale, np.float32).reshape(-1)
+    if any(p[:len(owner) + 1] == owner + ("attend_dot_general",) for p in stored):
+      # layers.Embed: the table [V, D] with one scale per row
+      params[owner + ("embedding",)] = jnp.asarray(value * scale[:, None])
       continue
     if value.shape[-1] != scale.size:
       raise ArchitectureMismatchError(f"{'/'.join(owner)}: int8 kernel {list(value.shape)} and "

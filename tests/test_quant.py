@@ -2,6 +2,7 @@
 with per-channel scales and no float kernel, the serving graph runs int8 x int8 dots (Dense and
 attention einsums), QAT trains under jit(value_and_grad) on 8 devices, PTQ, every named error,
 the config switch, and int8 generation on a tiny random Llama."""
+import dataclasses
 import os
 
 import jax
@@ -214,18 +215,32 @@ LLAMA = decoder.DecoderConfig.from_hf(dict(
     max_position_embeddings=48, tie_word_embeddings=True))
 
 
-def test_int8_generate_on_a_tiny_llama():
-  lm = decoder.Decoder(LLAMA)
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_int8_generate_on_a_tiny_llama(tied):
+  lm = decoder.Decoder(dataclasses.replace(LLAMA, tie_word_embeddings=tied))
   ids = np.asarray([[3, 8, 1, 30, 5, 9, 2]], np.int32)
-  params = lm.init(jax.random.key(0), ids)
+  params = nn.meta.unbox(lm.init(jax.random.key(0), ids))
   params = jax.tree.map(lambda a: a * 3.0, params)  # peaky logits: no argmax near-ties
   int8_lm, served, _ = quant.ptq(lm, params, [ids, np.asarray([[7, 1, 2, 3]])],
                                  quant.QuantConfig("int8", attention=False))
-  assert not [p for p in traverse_util.flatten_dict(served["params"]) if p[-1] == "kernel"]
+  # no float kernel and no float embedding table: the lookup reads the int8 table
+  assert not [p for p in traverse_util.flatten_dict(served["params"])
+              if p[-1] in ("kernel", "embedding")]
+  table = quant.dequantize(int8_lm, served)[1]["params"]["embedder"]["embedding"]
+  float_table = params["params"]["embedder"]["embedding"]
+  step = np.abs(float_table).max(1, keepdims=True) / 127
+  assert np.all(np.abs(np.asarray(table) - float_table) <= 0.51 * step)
+  rows = int8_lm.apply(served, ids, method=lambda m, i: m.embed(i))
+  np.testing.assert_allclose(rows, np.asarray(table)[ids], rtol=1e-6)
+  floats = [v for v in jax.tree.leaves(served) if v.dtype != jnp.int8]
+  assert all(sum(d > 1 for d in np.shape(v)) <= 1 for v in floats)  # norms and scales only
+  assert quant.serving_size(served)["bytes"] < 0.3 * quant.tree_bytes(params)
   float_logits = np.asarray(lm.apply(params, ids))
   int8_logits = np.asarray(int8_lm.apply(served, ids))
   rel = np.abs(int8_logits - float_logits).max() / np.abs(float_logits).max()
   assert 0 < rel < 0.05
+  if not tied:
+    return  # decoding does not depend on how the head is stored
   out = np.asarray(generate.generate(int8_lm, served, ids, 8))[0].tolist()
   seq = ids[0].tolist()
   for _ in range(8):
