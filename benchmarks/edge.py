@@ -18,6 +18,9 @@ One function per benchmark (`BENCHMARKS`), chosen with `--only`:
   float32 student against HF PyTorch running the same ViT (the student's weights exported to
   `CLIPVisionModel` names with `encoders/vit.py: hf_rules`, the projection a `torch.nn.Linear`),
   checked for equal outputs first. Targets: int8 >= 2x float32 at batch 32, >= 3.5x smaller.
+- `dots`: what bounds both: XLA:CPU's `s8 x s8 -> s32` matmul rate against its float32 rate at
+  the shapes of the ViT-Ti/8 student at batch 32 (2080 tokens, width 192, MLP 768), of ViT-S
+  (384 / 1536), of SmolLM2's decoding step (one row, 576 / 1536) and at 2048^3.
 
 JAX runs on one CPU device (XLA_FLAGS is replaced by `--xla-flags`, empty by default). After one
 untimed warm-up call each (JAX compiles there), the runners are timed in alternation, order
@@ -26,6 +29,7 @@ printed before and after.
 
   python benchmarks/edge.py [--only lm] [--reps 5] [--lm-batch 1,8] [--prompt-len 64]
       [--new-tokens 64] [--int8-attention] [--xla-flags "..."]
+  python benchmarks/edge.py --only dots
   python benchmarks/edge.py --only student --workdir runs/distill/s2 [--student-batch 1,32]
       [--no-teacher] [--no-torch] [--torch-threads N] [--preset ti|s [--preset-layers N]]
 """
@@ -39,7 +43,7 @@ import time
 
 import common  # noqa: E402  (benchmarks/common.py: no jax import)
 
-BENCHMARK_NAMES = ("lm", "student")
+BENCHMARK_NAMES = ("lm", "student", "dots")
 
 
 def parse_args(argv=None):
@@ -252,7 +256,8 @@ def random_student(args):
   student = distill.Student(distill.student_vit_config(cfg), 256)
   r = np.random.default_rng(0)
   batches = [(r.uniform(-1, 1, (8, 64, 64, 3)).astype(np.float32),) for _ in range(2)]
-  variables = {"params": student.init(jax.random.key(0), batches[0][0])["params"]}
+  from flax import linen as nn
+  variables = nn.meta.unbox({"params": student.init(jax.random.key(0), batches[0][0])["params"]})
   int8_student, served, _ = quant.ptq(student, variables, batches)
   with tempfile.TemporaryDirectory() as tmp:
     sizes = {"student float32": distill.save_float(os.path.join(tmp, "f.safetensors"),
@@ -301,7 +306,35 @@ def torch_student(student, variables, threads: int):
   return run
 
 
-BENCHMARKS = {"lm": bench_lm, "student": bench_student}
+DOT_SHAPES = {"ViT-Ti/8 qkv-sized, b32": (2080, 192, 576), "ViT-Ti/8 MLP in, b32": (2080, 192, 768),
+              "ViT-Ti/8 MLP out, b32": (2080, 768, 192), "ViT-S/8 MLP in, b32": (2080, 384, 1536),
+              "SmolLM2 MLP in, one row": (1, 576, 1536), "SmolLM2 MLP in, 8 rows": (8, 576, 1536),
+              "square 2048": (2048, 2048, 2048)}
+
+
+def bench_dots(args, rows: list):
+  import jax.numpy as jnp
+  print(f"\n== dots: s8 x s8 -> s32 vs float32 matmul, jitted, one CPU device ==  "
+        f"[{common.load()}]")
+  rng = np.random.default_rng(0)
+  f32 = jax.jit(jnp.dot)
+  s8 = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.int32))
+  for name, (m, k, n) in DOT_SHAPES.items():
+    a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+    ai, bi = (rng.integers(-127, 128, x.shape).astype(np.int8) for x in (a, b))
+    runners = {"float32": lambda: f32(a, b).block_until_ready(),
+               "int8": lambda: s8(ai, bi).block_until_ready()}
+    for run in runners.values():
+      run()
+    reps = max(args.reps, 20 if m * k * n < 1e9 else 5)
+    times = {k_: statistics.median(v) for k_, v in common.time_alternating(runners, reps).items()}
+    ops = 2 * m * k * n / 1e9
+    print(f"  {name:26s} [{m}, {k}] x [{k}, {n}]: float32 {ops / times['float32']:6.0f} GFLOP/s, "
+          f"int8 {ops / times['int8']:6.0f} GOP/s, int8 / float32 "
+          f"{times['float32'] / times['int8']:.2f}x")
+
+
+BENCHMARKS = {"lm": bench_lm, "student": bench_student, "dots": bench_dots}
 
 
 def main():
