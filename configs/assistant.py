@@ -12,6 +12,8 @@ ARG is "STAGE[,OPTION...]": STAGE one of caption | qa | dpo; options:
   perceiverK      Perceiver bridge with K latents for images (default 32);
   compress        TokenCompressor bridge (3x3 groups of DINOv2's 16x16 patches at 224 px);
   mlp             per-token MLP bridge (every patch token becomes a soft token);
+  realenc         with tiny: the real DINOv2-S/14 (at 56 px: 16 patch tokens) and Whisper
+                  tiny.en in place of the random towers; the LM stays tiny;
   scratch         a 6-layer, width-512 Llama (RoPE, RMSNorm; the offline word tokenizer of
                   the synthetic vocabulary) trained from scratch with the bridge, in place of
                   the pretrained LM + LoRA (with tiny: the tiny LM, trained).
@@ -42,8 +44,11 @@ def get_config(arg: str = "caption"):
   config.data.qa_modalities = ("image", "audio") if stage == "caption" else ("image", "audio",
                                                                              "text")
   config.data.kinds = KINDS[stage]
-  config.encoders = (configs.tiny_random_encoders(audio_seconds=0.5) if tiny
-                     else configs.demo_encoders(image_size=224, audio_seconds=1.0))
+  if tiny and "realenc" not in options:
+    config.encoders = configs.tiny_random_encoders(audio_seconds=0.5)
+  else:
+    config.encoders = configs.demo_encoders(image_size=56 if tiny else 224,
+                                            audio_seconds=0.5 if tiny else 1.0)
   config.extract = configs.extract(batch_size=16 if tiny else 32, shard_size=128 if tiny else 512,
                                    dtype="float32" if tiny else "float16")
   config.extract.progress = not tiny
@@ -66,7 +71,7 @@ def get_config(arg: str = "caption"):
     elif option in ("compress", "mlp"):
       config.bridge.image.kind = option
       config.bridge.image.factor = 2 if tiny else 3
-    elif option == "scratch":
+    elif option in ("scratch", "realenc"):
       pass
     else:
       raise ValueError(f"configs/assistant.py: unknown option {option!r} in {arg!r}")
