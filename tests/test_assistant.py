@@ -220,3 +220,17 @@ def test_scratch_lm_starts_from_the_loaded_lm_and_learns_from_informative_tokens
   pred = np.asarray(model.text_logits(trainable, None, batch)).argmax(-1)
   answer = np.asarray(batch["text/loss"]) > 0
   assert np.all((pred == np.asarray(batch["text"])) | ~answer)
+
+
+@pytest.mark.parametrize("arg", ["caption", "qa,compress", "dpo,mlp", "qa,perceiver64",
+                                 "qa,scratch", "caption,tiny", "qa,tiny,realenc"])
+def test_stage_configs_load_with_their_options(arg):
+  config = configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":" + arg)
+  assert config.task == "assistant" and config.stage == arg.split(",")[0]
+  real = "tiny" not in arg or "realenc" in arg
+  assert bool(config.encoders.image.package == "dinov2-small") == real
+  assert config.encoders.audio.package == ("whisper-tiny.en" if real else "")
+  if "realenc" in arg:
+    assert config.encoders.image.image_size == 56 and config.lm.random  # the tiny LM stays
+  with pytest.raises(ValueError, match="unknown option 'nope'"):
+    configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":" + arg + ",nope")
