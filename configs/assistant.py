@@ -96,9 +96,9 @@ def get_config(arg: str = "caption"):
   config.lora = dict(rank=8, alpha=16.0, dropout=0.0,
                      targets=("attn/(query|key|value|out)", "mlp/(gate|up|down)"),
                      param_dtype="float32")
-  steps = {"caption": 150, "qa": 500, "dpo": 100}[stage] if tiny else \
+  steps = {"caption": 150, "qa": 1000, "dpo": 100}[stage] if tiny else \
       {"caption": 400, "qa": 800, "dpo": 150}[stage]
-  lr = {"caption": 3e-3, "qa": 1e-2, "dpo": 3e-3}[stage] if tiny else \
+  lr = {"caption": 3e-3, "qa": 3e-3, "dpo": 1e-4}[stage] if tiny else \
       {"caption": 1e-3, "qa": 5e-4, "dpo": 5e-5}[stage]
   config.train = dict(
       split="train", steps=steps, batch_size=32 if tiny else 16, learning_rate=lr,

@@ -81,13 +81,15 @@ def synthetic_words() -> List[str]:
 
 
 def word_tokenizer(extra_words: Sequence[str] = ()):
-  """An offline word-level HF tokenizer over `synthetic_words()` (+ `extra_words`): whitespace and
-  punctuation split, `[PAD]` 0, `[UNK]` 1, `[EOS]` 2; for tiny test LMs."""
-  from tokenizers import Tokenizer, models, pre_tokenizers
+  """An offline word-level HF tokenizer over `synthetic_words()` (+ `extra_words`): lowercased
+  (a transcribed "What is ..." reads as the typed "what is ..."), whitespace and punctuation
+  split, `[PAD]` 0, `[UNK]` 1, `[EOS]` 2; for tiny test LMs."""
+  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
-  words = sorted(set(synthetic_words()) | set(extra_words))
+  words = sorted({w.lower() for w in set(synthetic_words()) | set(extra_words)})
   vocab = {w: i for i, w in enumerate(list(WORD_SPECIALS) + words)}
   tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+  tok.normalizer = normalizers.Lowercase()
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
                                  eos_token="[EOS]")
