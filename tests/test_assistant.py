@@ -234,3 +234,10 @@ def test_stage_configs_load_with_their_options(arg):
     assert config.encoders.image.image_size == 56 and config.lm.random  # the tiny LM stays
   with pytest.raises(ValueError, match="unknown option 'nope'"):
     configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":" + arg + ",nope")
+
+
+def test_word_tokenizer_reads_a_transcript_like_the_typed_question():
+  tok = lm_lora.word_tokenizer(["what", "?"])
+  typed, heard = (tok(t, add_special_tokens=False)["input_ids"]
+                  for t in ("what is the color of the shape?", "What is the Color of the shape?"))
+  assert typed == heard and tok.unk_token_id not in typed
