@@ -30,6 +30,12 @@ def load() -> str:
     return "load avg ?"
 
 
+def max_rel_err(a, b) -> float:
+  """`max|a - b| / max|b|` in float64 (b is the reference)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
 def time_alternating(runners: dict, reps: int) -> dict:
   """Calls every runner once per repetition, flipping the order each time; name -> seconds."""
   names = list(runners)

@@ -76,7 +76,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from common import cpu_model, load, time_alternating  # noqa: E402
+from common import cpu_model, load, max_rel_err, time_alternating  # noqa: E402
 
 from edgeglass_jax import encoders, layers  # noqa: E402
 
@@ -127,11 +127,6 @@ SENTENCES = [
 
 # --------------------------------------------------------------------------------------------
 # Timing and reporting.
-
-
-def max_rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 def matmul_rates(n: int = 2048, reps: int = 7) -> dict:

@@ -6,9 +6,12 @@ Side by side in one run, on the same random weights (an HF model built from a co
   against `Dinov2Model` (sdpa attention);
 - `lm`: a decoder of SmolLM2-135M's shapes (Llama, 30 layers, width 576, 9/3 heads, tied
   embeddings): greedy `generate.generate` (prompt 64, 128 new tokens, batch 1 and 32) against HF
-  `generate` with its KV cache, tokens/s and time to first token.
-A sanity line per model gives `max|jax - torch| / max|torch|` in float32 at full precision
-(TF32 off on both sides) and, for the LM, the share of greedy tokens equal to HF's in float32.
+  `generate` with its KV cache, tokens/s (and JAX's prefill time).
+A sanity line per model gives `max|jax - torch| / max|torch|` in float32 (JAX at `highest`
+matmul precision, torch with TF32 matmuls off; its convolution, the patch embedding, still runs
+TF32) and, for the LM, the share of greedy tokens equal to HF's in float32; bf16 DINOv2 tokens
+are compared with the float32 torch ones. The timed float32 calls are not like for like: JAX at
+its default precision runs float32 dots as TF32 on recent GPUs, torch (TF32 off) does not.
 
 Each framework gets one untimed warm-up call, then they alternate call by call (order flipped
 every repetition); rates come from the median call. The script runs anywhere (`--tiny` shrinks
@@ -67,11 +70,6 @@ def sync():
     torch.cuda.synchronize()
 
 
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-
-
 def timed(runners: dict, reps: int) -> dict:
   """name -> median seconds of one call (each runner blocks until its result is ready)."""
   for run in runners.values():
@@ -118,16 +116,17 @@ def bench_dinov2(tmp: str, rows: list):
       sync()
       return out
 
-    if dname == "float32":
+    if dname == "float32":  # first in DTYPES: `ref` serves the bf16 comparison too
       with jax.default_matmul_precision("highest"):
         exact = jax.jit(module.apply)(params, x_jax)
       torch.backends.cuda.matmul.allow_tf32 = False
       ref = torch_run().last_hidden_state.float().cpu().numpy()
       extra = f"(max rel err of tokens vs torch, both at full precision: " \
-              f"{rel_err(exact.tokens, ref):.1e})"
+              f"{common.max_rel_err(exact.tokens, ref):.1e})"
     else:
-      extra = (f"(max rel err of tokens vs float32 torch: jax {rel_err(jax_run().tokens, ref):.1e}"
-               f", torch {rel_err(torch_run().last_hidden_state.float().cpu().numpy(), ref):.1e})")
+      err_jax = common.max_rel_err(jax_run().tokens, ref)
+      err_torch = common.max_rel_err(torch_run().last_hidden_state.float().cpu().numpy(), ref)
+      extra = f"(max rel err of tokens vs float32 torch: jax {err_jax:.1e}, torch {err_torch:.1e})"
     report(f"dinov2[{dname}]", "images", batch, timed({"jax": jax_run, "torch": torch_run},
                                                        ARGS.reps), rows, extra)
 

@@ -452,7 +452,7 @@ class Embed(nn.Module):
   reads the same int8 rows times their scales (CONVERT stores the table even when the model
   never calls `attend`, as an untied LM's input embedding). So the table is stored once, at a
   quarter of its float size, and the serving lookup differs from the float (TRAIN) one by that
-  rounding (at most half a step, `max|row| / 254`, per entry).
+  rounding (at most half a step, about `max|row| / 255`, per entry).
   """
   num_embeddings: int
   features: int
