@@ -231,8 +231,9 @@ def test_transcribe_matches_token_ids_and_batches(loaded):
 
 def test_batch_sizes():
   assert asr._batch_sizes(0, 8) == []
-  assert asr._batch_sizes(5, 8) == [4, 1]
-  assert asr._batch_sizes(19, 8) == [8, 8, 2, 1]
+  assert asr._batch_sizes(5, 8) == [5]
+  assert asr._batch_sizes(19, 8) == [7, 6, 6]
+  assert asr._batch_sizes(16, 8) == [8, 8]
   assert asr._batch_sizes(3, 1) == [1, 1, 1]
 
 

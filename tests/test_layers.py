@@ -44,11 +44,14 @@ def masks(b=2, tq=5, tk=7, h=4):
           "[B,H,Tq,Tk]": per_head}
 
 
-@pytest.fixture(params=["dense", "blocked"])
+@pytest.fixture(params=["dense", "blocked", "query-chunks"])
 def path(request, monkeypatch):
-  """Runs each attention test through both lowerings (the blocked one forced on CPU)."""
-  if request.param == "blocked":
+  """Runs each attention test through every lowering: one piece, one block per (batch,
+  kv-head), and blocks of a few queries (5 queries of one head -> 2, 2, 1 + a padded row)."""
+  if request.param != "dense":
     monkeypatch.setattr(layers, "BLOCKED_CPU_ATTENTION_MIN_LOGITS", 1)
+  if request.param == "query-chunks":
+    monkeypatch.setattr(layers, "BLOCKED_CPU_ATTENTION_BLOCK_LOGITS", 2 * 7)
   return request.param
 
 
@@ -70,6 +73,7 @@ def test_blocked_lowering_has_the_dense_gradient(monkeypatch):
   loss = lambda *a: jnp.sum(jnp.sin(layers.dot_product_attention(*a, mask, 0.35)))
   dense = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
   monkeypatch.setattr(layers, "BLOCKED_CPU_ATTENTION_MIN_LOGITS", 1)
+  monkeypatch.setattr(layers, "BLOCKED_CPU_ATTENTION_BLOCK_LOGITS", 2 * 2 * 7)
   blocked = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
   for a, b in zip(dense, blocked):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
