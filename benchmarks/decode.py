@@ -21,7 +21,9 @@ One function per benchmark (`BENCHMARKS`), chosen with `--only`:
   `<|startoftranscript|><|notimestamps|>`, the directory's suppress lists, greedy, its KV cache)
   + `batch_decode`. Parity first: both must give the same words on every clip, or the run stops
   before timing. Reported: real-time factor (seconds of compute per second of audio, lower is
-  faster) of each, and HF's RTF / ours (the speed-up; target >= 1.5x).
+  faster) of each, and HF's RTF / ours (the speed-up; target >= 1.5x). Then the encoder alone
+  (log-mel + encoder tokens, timed the same way), which splits each side's time into encoder
+  and decoding and bounds the speed-up that faster decoding alone could bring.
 
 PyTorch runs under `torch.inference_mode()` at each thread count of `--torch-threads` (one
 thread is often fastest for Whisper's small per-token matmuls); the speed-up is against the
@@ -156,6 +158,52 @@ def bench_asr(args, rows: list):
                      ratio=ratio))
     vs = f", {ratio:.2f}x the fastest HF (target >= 1.5x)" if k == "edgeglass_jax" else ""
     print(f"  {k:20s} RTF {rtf[k]:.4f} (best {min(v) / seconds:.4f}){vs}")
+  bench_asr_encoder(args, model, extractor, hf_model, waves, seconds, rtf)
+
+
+def bench_asr_encoder(args, model, extractor, hf_model, waves, seconds, total_rtf):
+  """The encoder alone, both sides on all clips in one batch: samples -> log-mel -> encoder
+  tokens `[B, 1500, D]` (ours jitted; HF's feature extractor then `model.encoder`). What is
+  left of each end-to-end time is decoding; HF's total over our encoder is the speed-up that
+  infinitely fast decoding would give."""
+  from edgeglass_jax import asr
+  from edgeglass_jax.encoders import whisper
+  encoder, window = model.encoder, model.window
+  encode = jax.jit(lambda p, a: encoder.apply(
+      p, whisper.log_mel_spectrogram(a, encoder.config.n_mels, n_samples=window)).tokens)
+  audio = np.zeros((len(waves), window), np.float32)
+  for row, wave in enumerate(waves):
+    audio[row, :len(wave)] = wave
+
+  def ours():
+    return np.asarray(encode(model.params["encoder"], audio))
+
+  def hf(threads):
+    def run():
+      torch.set_num_threads(threads)
+      with torch.inference_mode():
+        feats = extractor(waves, sampling_rate=asr.SAMPLE_RATE, return_tensors="pt")
+        return hf_model.model.encoder(feats.input_features).last_hidden_state.numpy()
+    return run
+
+  runners = {"edgeglass_jax": ours}
+  runners.update({f"hf torch ({n} thr)": hf(n) for n in args.torch_threads})
+  outputs = {name: run() for name, run in runners.items()}
+  errors = {k: common.max_rel_err(outputs["edgeglass_jax"], v) for k, v in outputs.items()}
+  times = time_alternating(runners, args.reps)
+  enc = {k: statistics.median(v) / seconds for k, v in times.items()}
+  best = min((k for k in enc if k != "edgeglass_jax"), key=enc.get)
+  print(f"  encoder only (log-mel + encoder, {len(waves)} clips in one batch; max rel err vs "
+        "HF " + ", ".join(f"{k} {e:.1e}" for k, e in errors.items() if k != "edgeglass_jax")
+        + ")")
+  for k in enc:
+    share = enc[k] / total_rtf[k]
+    print(f"  {k:20s} encoder RTF {enc[k]:.4f} ({share:.0%} of its transcription), decoding "
+          f"RTF {total_rtf[k] - enc[k]:.4f}")
+  ours_dec = total_rtf["edgeglass_jax"] - enc["edgeglass_jax"]
+  print(f"  encoder {enc[best] / enc['edgeglass_jax']:.2f}x {best}; decoding "
+        f"{(total_rtf[best] - enc[best]) / ours_dec:.2f}x; with decoding free the "
+        f"transcription would be {total_rtf[best] / enc['edgeglass_jax']:.2f}x")
 
 
 # --------------------------------------------------------------------------------------------
