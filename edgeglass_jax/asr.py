@@ -523,7 +523,7 @@ def split_windows(wave: np.ndarray, window: int) -> List[np.ndarray]:
 def _batch_sizes(n: int, batch_size: int) -> List[int]:
   """Sizes of the fewest batches of at most `batch_size` that carry `n` windows, as equal as
   they can be (19 by 8 -> 7, 6, 6; 5 -> 5): no row is padding, each batch is one decoding loop
-  (a loop costs the same per step at batch 1 as at 5: its steps read the weights), and one
+  (a step costs nearly as much at batch 1 as at 5: it reads the weights), and one
   call compiles at most two batch shapes."""
   count = -(-n // batch_size)
   return [n // count + (i < n % count) for i in range(count)]
