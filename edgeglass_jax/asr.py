@@ -549,8 +549,8 @@ def transcribe(waves: Sequence[Any], sample_rate: int = SAMPLE_RATE,
   Each clip is resampled to 16 kHz; a clip longer than the model's window (30 s) is cut into
   equal windows whose texts are joined with a space. A window whose RMS is below
   `silence_rms`, and an empty clip, give "" without running the model. Windows are decoded
-  greedily (the model's forced prompt and suppressed tokens, as HF's `generate`) in batches of
-  `batch_size`; `max_new_tokens` defaults to half the decoder context (224).
+  greedily (the model's forced prompt and suppressed tokens, as HF's `generate`) in the
+  fewest near-equal batches of at most `batch_size` (`_batch_sizes`); `max_new_tokens` defaults to half the decoder context (224).
   """
   if isinstance(waves, np.ndarray) and waves.ndim == 1:
     raise TypeError("waves must be a list of 1-D arrays; wrap a single clip as [wave]")

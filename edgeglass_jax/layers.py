@@ -328,8 +328,9 @@ def _attention_blocked(q, k, v, mask, scale, softcap=None):
   """
   b, kv, g, tq, hd = q.shape
   tk = k.shape[2]
-  c = -(-tq // min(tq, max(1, -(-g * tq * tk // BLOCKED_CPU_ATTENTION_BLOCK_LOGITS))))
-  n = -(-tq // c)
+  fewest = min(tq, max(1, -(-g * tq * tk // BLOCKED_CPU_ATTENTION_BLOCK_LOGITS)))
+  c = -(-tq // fewest)  # queries per block
+  n = -(-tq // c)  # blocks per (batch, kv-head), <= fewest
   pad = n * c - tq
   chunks = jnp.pad(q, ((0, 0),) * 3 + ((0, pad), (0, 0))).reshape(b, kv, g, n, c, hd)
   if mask is not None and mask.shape[3] > 1:

@@ -86,7 +86,7 @@ def word_tokenizer(extra_words: Sequence[str] = ()):
   split, `[PAD]` 0, `[UNK]` 1, `[EOS]` 2; for tiny test LMs."""
   from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
-  words = sorted({w.lower() for w in set(synthetic_words()) | set(extra_words)})
+  words = sorted({w.lower() for w in [*synthetic_words(), *extra_words]})
   vocab = {w: i for i, w in enumerate(list(WORD_SPECIALS) + words)}
   tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
   tok.normalizer = normalizers.Lowercase()
