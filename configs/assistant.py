@@ -10,7 +10,8 @@ SmolLM2-135M-Instruct (+ LoRA), on the synthetic set (task `assistant`).
 ARG is "STAGE[,OPTION...]": STAGE one of caption | qa | dpo; options:
   tiny            tiny random encoders and a random 2-layer Llama (tests, smoke runs, seconds);
   perceiverK      Perceiver bridge with K latents for images (default 32);
-  compress        TokenCompressor bridge (3x3 groups of DINOv2's 16x16 patches at 224 px);
+  compress        TokenCompressor bridge: 2x2 groups of DINOv2's 16x16 patches at 224 px (64
+                  soft tokens; 3x3 does not divide 16), 2x2 of the 4x4 at 56 px;
   mlp             per-token MLP bridge (every patch token becomes a soft token);
   realenc         with tiny: the real DINOv2-S/14 (at 56 px: 16 patch tokens) and Whisper
                   tiny.en in place of the random towers; the LM stays tiny;
@@ -70,7 +71,7 @@ def get_config(arg: str = "caption"):
       config.bridge.image.num_latents = int(option[len("perceiver"):] or 32)
     elif option in ("compress", "mlp"):
       config.bridge.image.kind = option
-      config.bridge.image.factor = 2 if tiny else 3
+      config.bridge.image.factor = 2
     elif option in ("scratch", "realenc"):
       pass
     else:

@@ -236,6 +236,38 @@ def test_stage_configs_load_with_their_options(arg):
     configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":" + arg + ",nope")
 
 
+def _encoder_tokens(config):
+  """`{m: (N, D)}` the configured encoders give: DINOv2-S/14 (patch 14, CLS, width 384) or the
+  tiny CLIP ViT (its hf_config); Whisper: 50 frames a second (tiny.en width 384)."""
+  image, audio = config.encoders.image, config.encoders.audio
+  if image.package:
+    n_img, d_img = (image.image_size // 14) ** 2 + 1, 384
+  else:
+    hf = image.hf_config
+    n_img, d_img = (hf.image_size // hf.patch_size) ** 2 + 1, hf.hidden_size
+  d_aud = audio.hf_config.d_model if not audio.package else 384
+  return {"image": (n_img, d_img), "audio": (int(audio.max_seconds * 50), d_aud)}
+
+
+@pytest.mark.parametrize("arg", ["qa", "qa,perceiver64", "qa,perceiver128", "qa,compress",
+                                 "qa,mlp", "qa,tiny,compress", "qa,tiny,realenc,compress",
+                                 "qa,tiny,realenc,mlp"])
+def test_every_bridge_option_fits_its_encoders_tokens(arg):
+  """Each option's bridge builds on the token shapes of its encoders at that size (the full
+  `compress` once asked 3x3 groups of DINOv2's 16x16 grid) with the soft-token count it names."""
+  config = configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":" + arg)
+  dims = _encoder_tokens(config)
+  mods = tuple((m, adapters.AdapterConfig.from_dict(dict(config.bridge[m])), m == "image")
+               for m in ("image", "audio"))
+  bridge = assistant.Bridge(mods, width=32)
+  soft, _ = jax.eval_shape(lambda r: bridge.init_with_output(
+      r, assistant.dummy_features(dims, ("image", "audio")))[0], jax.random.key(0))
+  image = config.bridge.image
+  expect = {"perceiver": image.num_latents, "mlp": dims["image"][0],
+            "compress": (math.isqrt(dims["image"][0] - 1) // image.factor) ** 2}[image.kind]
+  assert soft.shape == (1, expect + config.bridge.audio.num_latents, 32)
+
+
 def test_word_tokenizer_reads_a_transcript_like_the_typed_question():
   tok = lm_lora.word_tokenizer(["what", "?"])
   typed, heard = (tok(t, add_special_tokens=False)["input_ids"]
