@@ -92,8 +92,8 @@ def main(argv=None):
         f"{image.shape[1]}x{image.shape[0]}")
   print(f"question: {len(question) / assist.SAMPLE_RATE:.1f} s spoken {args.question!r}, "
         f"heard {first.question!r}")
-  print(f"answer ({len(first.text.split())} words, max_new_tokens={args.new_tokens}): "
-        f"{first.text!r}; spoken {first.speech_seconds:.1f} s")
+  print(f"answer ({first.num_tokens} tokens before EOS, {len(first.text.split())} words, "
+        f"max_new_tokens={args.new_tokens}): {first.text!r}; spoken {first.speech_seconds:.1f} s")
   print(f"loading assistant + Whisper: {load_s:.2f} s; first turn (compiles): {first_s:.2f} s")
   print()
   print("| step | median s | best s |")

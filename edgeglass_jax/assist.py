@@ -75,7 +75,8 @@ class Turn:
   `STEPS` that ran (ASR only for a spoken question, speech only when spoken); `speech_path`
   the WAV written (None when not spoken) and `speech_note` why it was not spoken;
   `wall_seconds` the whole turn by the clock (the steps plus what lies between them:
-  tokenizing, detokenizing, the assistant's own bookkeeping).
+  tokenizing, detokenizing, the assistant's own bookkeeping); `num_tokens` the answer's
+  generated tokens before EOS.
   """
   question: str
   text: str
@@ -85,6 +86,7 @@ class Turn:
   speech_seconds: float = 0.0
   speech_note: str = ""
   wall_seconds: float = 0.0
+  num_tokens: int = 0
 
   @property
   def total_seconds(self) -> float:
@@ -222,7 +224,7 @@ def respond(assistant, *, image: Optional[np.ndarray] = None, audio: Optional[np
       note = str(e)
   return Turn(question=question, text=answer.text, timings=timings, transcript=transcript,
               speech_path=speech_path, speech_seconds=speech_seconds, speech_note=note,
-              wall_seconds=time.perf_counter() - start)
+              wall_seconds=time.perf_counter() - start, num_tokens=answer.num_tokens)
 
 
 def ask(workdir: str, *, image: Any = None, audio: Any = None, prompt: Optional[str] = None,

@@ -195,6 +195,8 @@ def test_python_typed_prompt_with_a_sound_and_an_image(workdir, files, tmp_path)
   assert turn.question == "what color is the sound?"
   assert set(turn.timings) == {"image_encoding", "audio_encoding", "prefill", "decoding"}
   assert turn.speech_path is None and turn.speech_note == ""
+  # The word-level codec gives a token a word (and special tokens none): the tokens before EOS.
+  assert len(turn.text.split()) <= turn.num_tokens <= 8
   again = assist.ask(workdir, audio=assist.load_sound(files["sound"]),
                      prompt="what color is the sound?", max_new_tokens=8)
   assert set(again.timings) == {"audio_encoding", "prefill", "decoding"}

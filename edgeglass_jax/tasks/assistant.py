@@ -275,10 +275,12 @@ class Decoding:
       mask_ar[r, :n[r]] = ar[r][valid[r]]
     return embeds, mask, mask_ar
 
-  def __call__(self, trainable, lm_vars, batch, max_new_tokens: int,
-               served=None, timings: Optional[dict] = None) -> List[str]:
-    """`timings` (a dict) receives `generate`'s `prefill` and `decoding` seconds; the prefix
-    embedding counts into `prefill`."""
+  def __call__(self, trainable, lm_vars, batch, max_new_tokens: int, served=None,
+               timings: Optional[dict] = None, token_counts: Optional[list] = None
+               ) -> List[str]:
+    """`timings` (a dict) receives `generate`'s `prefill` and `decoding` seconds (the prefix
+    embedding counts into `prefill`); `token_counts` (a list) each row's generated tokens
+    before EOS."""
     t0 = time.perf_counter()
     embeds, mask, mask_ar = self.prefix(trainable, lm_vars, batch)
     served = self._merge(trainable, lm_vars) if served is None else served
@@ -288,6 +290,9 @@ class Decoding:
         mask_ar=mask_ar, eos_id=self.model.codec.eos_id, timings=timings))
     if timings is not None:
       timings["prefill"] += prefix_seconds
+    if token_counts is not None:
+      eos = self.model.codec.eos_id
+      token_counts.extend(list(row).index(eos) if eos in row else len(row) for row in tokens)
     return [decode_answer(self.model.codec, row) for row in tokens]
 
 
@@ -950,10 +955,12 @@ def run(config, workdir: str) -> dict:
 
 @dataclasses.dataclass
 class Answer:
-  """An answer's text and the seconds each step took (`image_encoding`, `audio_encoding`,
-  `prefill`, `decoding`; 0 for a step that did not run)."""
+  """An answer's text, the seconds each step took (`image_encoding`, `audio_encoding`,
+  `prefill`, `decoding`; 0 for a step that did not run) and the tokens generated before EOS
+  (what `decoding` paid for)."""
   text: str
   timings: Dict[str, float]
+  num_tokens: int = 0
 
 
 class Assistant:
@@ -1042,9 +1049,10 @@ class Assistant:
           f"exceed the context of {self.context_length} positions")
     text = self.model.prompt(prompt, generate.prompt_bucket(text_len))
     batch.update({k: v[None] for k, v in text.items()})
+    counts = []
     text_out = self.decoding(self.trainable, self.lm_vars, batch, max_new_tokens, self.served,
-                             timings)[0]
-    return Answer(text_out, timings)
+                             timings, counts)[0]
+    return Answer(text_out, timings, counts[0])
 
 
 def load_assistant(workdir: str) -> Assistant:
