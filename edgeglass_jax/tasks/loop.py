@@ -186,11 +186,6 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
-def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
 def make_train_step(loss_fn, tx, with_frozen: bool = False):
   """state, batch, rng -> (state, metrics); a non-finite loss or gradient leaves state as it was.
 
@@ -202,7 +197,12 @@ def make_train_step(loss_fn, tx, with_frozen: bool = False):
   def update(state, loss, aux, grads):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & _all_finite(grads)
+    # The global norm is finite iff every gradient is (or its square sum overflows float32,
+    # which clipping could not scale either). Per-leaf isfinite reductions gathered into one
+    # flag made XLA's compile time grow with the square of the leaf count: 160 s for
+    # SmolLM2's 420 LoRA leaves, against 10 s this way.
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jnp.where(finite, new, old)
     state = state.replace(
         step=state.step + 1,
@@ -210,7 +210,7 @@ def make_train_step(loss_fn, tx, with_frozen: bool = False):
         opt_state=jax.tree.map(keep, opt_state, state.opt_state),
         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
         nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
-    metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads),
+    metrics = dict(aux, loss=loss, grad_norm=grad_norm,
                    skipped=(~finite).astype(jnp.float32),
                    nonfinite_streak=state.nonfinite_streak)
     return state, metrics
