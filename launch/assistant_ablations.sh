@@ -43,7 +43,7 @@ start=$(date +%s)
 stage() {  # stage NAME CONFIG_ARG [--config.KEY=VALUE ...]: one run, logged to ROOT/NAME.log
   local name=$1 carg=$2
   shift 2
-  if [ -f "$root/$name/export/params.msgpack" ]; then
+  if [ -f "$root/$name/assistant/params.msgpack" ]; then
     echo "$name: finished before"
     return 0
   fi
