@@ -12,7 +12,7 @@ from edgeglass_jax import main
 from tiny import ROOT, run_main, user_env
 
 SCRIPTS = ["launch/setup.sh", "launch/local_multiprocess.sh", "launch/tpu_vm.sh",
-           "launch/slurm_gpu.sbatch", ".ci/run"]
+           "launch/slurm_gpu.sbatch", "launch/assistant_ablations.sh", ".ci/run"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -27,6 +27,7 @@ def test_shell_syntax(script):
     ("launch/tpu_vm.sh", {}, "usage: TPU_NAME"),
     ("launch/tpu_vm.sh", {"TPU_NAME": "x"}, "ZONE is not set"),
     ("launch/slurm_gpu.sbatch", {}, "CONFIG is not set"),
+    ("launch/assistant_ablations.sh", {}, "usage: launch/assistant_ablations.sh ROOT"),
 ])
 def test_usage_errors(script, env, needle):
   args = ["create"] if env else []
@@ -35,6 +36,30 @@ def test_usage_errors(script, env, needle):
   proc = subprocess.run(["bash", os.path.join(ROOT, script)] + args, capture_output=True,
                         text=True, env={**clean, **env}, cwd=ROOT)
   assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+
+
+def test_assistant_ablations_skips_finished_runs_and_runs_in_order(tmp_path):
+  """A rerun starts nothing that has exported its assistant, and asks for each run after what it
+  depends on: the caption run's features, the qa run before dpo, caption before cqa."""
+  runs = ["caption", "qa", "dpo", "cqa", "qa_mlp", "qa_scratch"]
+  for split in ("train", "test"):
+    os.makedirs(tmp_path / "caption" / "features" / split)
+    (tmp_path / "caption" / "features" / split / "index.json").write_text("{}")
+  for name in runs:
+    os.makedirs(tmp_path / name / "assistant")
+    (tmp_path / name / "assistant" / "params.msgpack").write_bytes(b"")
+  env = dict(user_env(), ABLATIONS="mlp scratch", PYTHON="false")
+  proc = subprocess.run(["bash", "launch/assistant_ablations.sh", str(tmp_path)], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.splitlines()
+  assert sorted(l.split(":")[0] for l in lines if "finished before" in l) == sorted(runs)
+  assert lines.index("qa: finished before") < lines.index("dpo: finished before")
+  assert lines.index("caption: finished before") < lines.index("cqa: finished before")
+  os.remove(tmp_path / "qa_mlp" / "assistant" / "params.msgpack")  # unfinished: it runs (and fails)
+  proc = subprocess.run(["bash", "launch/assistant_ablations.sh", str(tmp_path)], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=60)
+  assert "qa_mlp: start" in proc.stdout and "qa_mlp: rc=1" in proc.stdout, proc.stdout
 
 
 def test_local_multiprocess_rejects_bad_arguments(tmp_path):
