@@ -199,8 +199,8 @@ def make_train_step(loss_fn, tx, with_frozen: bool = False):
     params = optax.apply_updates(state.params, updates)
     # The global norm is finite iff every gradient is (or its square sum overflows float32,
     # which clipping could not scale either). Per-leaf isfinite reductions gathered into one
-    # flag made XLA's compile time grow with the square of the leaf count: 160 s for
-    # SmolLM2's 420 LoRA leaves, against 10 s this way.
+    # flag made XLA's compile time grow with the square of the leaf count: 163 s for
+    # SmolLM2's 420 LoRA leaves, against 13 s this way (benchmarks/RESULTS.md, 2026-12-04).
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jnp.where(finite, new, old)
