@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The assistant's full-size stages and README's ablation table, side by side on one machine.
 #
-# One accelerator (or a big CPU host) has far more room than one SmolLM2-135M + LoRA run needs,
-# and the runs' time goes mostly to compiling, which is single-process CPU work: so the runs go
-# as parallel processes sharing the device (no preallocation), after the one feature extraction
-# they all read. Each run is an ordinary resumable workdir under ROOT; rerunning this script
+# One accelerator (or a big CPU host) has far more room than one SmolLM2-135M + LoRA run needs
+# (an H200 ran 7 of them side by side at 11 steps/s each), and compiling and evaluating are
+# host work: so the runs go as parallel processes sharing the device (no preallocation), after
+# the one feature extraction they all read. Each run is an ordinary resumable workdir under ROOT; rerunning this script
 # resumes the unfinished ones and skips the finished.
 #
 #   ROOT/qa          stage 2 from a fresh bridge (Perceiver, 32 image latents), spoken eval
@@ -33,8 +33,8 @@ arg=${EXTRA_ARG:-}
 cfg=configs/assistant.py
 mkdir -p "$root"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-# Compiling dominates (an H200 took ~6 min per SmolLM2 + LoRA train step with 8 compiling side
-# by side): a rerun takes its programs from this cache, and GPU autotuning is skipped.
+# A rerun (a resumed, time-limited run) takes its programs from this cache; GPU autotuning is
+# skipped, since these small models' steps are not worth its compile time.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$root/jax_cache}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-5}
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0"
@@ -53,7 +53,8 @@ stage() {  # stage NAME CONFIG_ARG [--config.KEY=VALUE ...]: one run, logged to 
     [ "$left" -gt 0 ] || { echo "$name: no time left"; return 1; }
   fi
   echo "$name: start $(date +%T)"
-  timeout --signal=INT --kill-after=20 $([ "$left" -gt 0 ] && echo "$left" || echo 0) \
+  # TERM, not INT: a background job of a non-interactive shell ignores SIGINT.
+  timeout --kill-after=20 $([ "$left" -gt 0 ] && echo "$left" || echo 0) \
     "$py" -m edgeglass_jax.main --config="$cfg:$carg$arg" --workdir="$root/$name" \
     ${EXTRA:-} "$@" >"$root/$name.log" 2>&1
   local rc=$?
