@@ -256,7 +256,9 @@ class Decoder(nn.Module):
 
   - `apply(params, input_ids [B, T])` -> float32 logits `[B, T, V]`, causal; optional
     `positions [B, T]`, `mask [B, T, T]` (e.g. `make_prefix_lm_mask`) and `inputs_embeds
-    [B, T, D]` in place of `input_ids` (already scaled: see `embed`).
+    [B, T, D]` in place of `input_ids` (already scaled: see `embed`). `logits_slice=(start,
+    stop)` gives the logits of positions `start:stop` only, `[B, stop - start, V]`: a prefix-LM
+    loss skips the vocabulary projection of its soft tokens.
   - `apply(params, input_ids, cache, positions=None, mask=None, method="decode")` ->
     `(logits [B, T, V], cache)`: writes the T tokens into `cache` (`init_cache`, keys/values
     head-major `[B, K, S, hd]`) at its `end_index` and attends over its S slots; `mask
@@ -312,7 +314,8 @@ class Decoder(nn.Module):
 
   def __call__(self, input_ids: Optional[Array] = None, positions: Optional[Array] = None,
                mask: Optional[Array] = None, *,
-               inputs_embeds: Optional[Array] = None) -> Array:
+               inputs_embeds: Optional[Array] = None,
+               logits_slice: Optional[Tuple[int, int]] = None) -> Array:
     x = self._inputs(input_ids, inputs_embeds)
     b, t = x.shape[:2]
     if positions is None:
@@ -321,6 +324,11 @@ class Decoder(nn.Module):
       mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
     for block in self.layers:
       _, x = block(x, positions, None, mask)
+    if logits_slice is not None:
+      start, stop = logits_slice
+      if not 0 <= start <= stop <= t:
+        raise ValueError(f"logits_slice {logits_slice} is not inside the {t} positions")
+      x = x[:, start:stop]
     return self._logits(x)
 
   def decode(self, input_ids: Optional[Array], cache: Cache, positions: Optional[Array] = None,

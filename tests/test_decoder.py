@@ -177,6 +177,16 @@ def test_prefix_lm_mask_drives_the_decoder(loaded, saved):
   assert rel_err(prefix[:, :7], cut) < 1e-5
 
 
+def test_logits_slice_gives_those_positions_of_the_full_logits(loaded, saved):
+  ids, models = saved
+  module, params = loaded["llama_llama3_untied"]
+  part = module.apply(params, ids, logits_slice=(2, 5))
+  assert part.shape == (B, 3, BASE["vocab_size"])
+  assert rel_err(part, models["llama_llama3_untied"][1][:, 2:5]) < 1e-4
+  with pytest.raises(ValueError, match=r"logits_slice \(3, 99\) is not inside the 9 positions"):
+    module.apply(params, ids, logits_slice=(3, 99))
+
+
 def test_llama3_inverse_frequencies_equal_transformers():
   from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
   cfg = transformers.LlamaConfig(hidden_size=512, num_attention_heads=4, rope_theta=500000.0,

@@ -92,8 +92,9 @@ class ModalityBridge(nn.Module):
 
   `(tokens [B, N, D], token_mask [B, N], valid [B])` -> `(soft [B, K, width], mask [B, K])`.
   kind "perceiver": K = `num_latents` latents of a `PerceiverResampler`; "compress":
-  `TokenCompressor` (space-to-depth by `factor` x `factor` of the square patch grid; 1-D groups
-  of `factor` frames for audio), then residual MLP blocks, K = N / factor^2 (or N / factor);
+  `TokenCompressor` (space-to-depth by `factor` x `factor` of the square patch grid, and with
+  `keep_cls` the CLS token as one more; 1-D groups of `factor` frames for audio), then residual
+  MLP blocks, K = N / factor^2 (+ 1) (or N / factor);
   "mlp": a per-token `MLPProjector`, K = N. Then LayerNorm, Dense to `width`, times
   `out_scale` (the LM's embedding RMS). Rows with `valid` False give zeros and an all-False mask.
   """
@@ -116,9 +117,12 @@ class ModalityBridge(nn.Module):
     elif cfg.kind == "compress":
       if self.grid:
         compressor = adapters.TokenCompressor(cfg.factor, cfg.hidden, cfg.has_cls,
-                                              name="compressor")
+                                              cfg.keep_cls, name="compressor")
         h, mask = compressor(tokens), compressor.compress_mask(token_mask)
       else:
+        if cfg.keep_cls:
+          raise ValueError("bridge kind 'compress' with keep_cls=True needs image tokens with a "
+                           "CLS token; frames of sound have none")
         grouped, mask = group_frames(tokens, token_mask, cfg.factor)
         h = layers.Dense(cfg.hidden, kernel_axes=("mlp", "embed"), name="compressor")(grouped)
       h = adapters.MLPProjector(cfg.hidden, depth=cfg.depth, mlp_ratio=cfg.mlp_ratio,
@@ -230,10 +234,10 @@ class Model:
     """Logits predicting each text token `[B, T, V]` (row j predicts `text[:, j]`)."""
     x, input_mask, mask_ar, positions = self.inputs(trainable, lm_vars, batch, prefix)
     attn = decoder.make_prefix_lm_mask(input_mask, mask_ar)
-    logits = self._lm_apply(trainable, lm_vars, None, positions, attn, inputs_embeds=x, rng=rng,
-                            deterministic=deterministic)
     t = batch[prefix + "text"].shape[1]
-    return logits[:, self.num_soft - 1:self.num_soft - 1 + t]
+    return self._lm_apply(trainable, lm_vars, None, positions, attn, inputs_embeds=x, rng=rng,
+                          deterministic=deterministic,
+                          logits_slice=(self.num_soft - 1, self.num_soft - 1 + t))
 
   def answer_nll(self, trainable, lm_vars, batch, prefix: str = "", rng=None,
                  deterministic=True):
