@@ -13,6 +13,9 @@ ARG is "STAGE[,OPTION...]": STAGE one of caption | qa | dpo; options:
   compress        TokenCompressor bridge: 2x2 groups of DINOv2's 16x16 patches at 224 px (64
                   soft tokens; 3x3 does not divide 16), 2x2 of the 4x4 at 56 px;
   mlp             per-token MLP bridge (every patch token becomes a soft token);
+  compact         TokenCompressor bridges without a latent bottleneck for both: the image's
+                  CLS token plus 4x4 groups of patches (17 soft tokens at 224 px), groups of 5
+                  Whisper frames for sound (10 at 1 s);
   realenc         with tiny: the real DINOv2-S/14 (at 56 px: 16 patch tokens) and Whisper
                   tiny.en in place of the random towers; the LM stays tiny;
   scratch         a 6-layer, width-512 Llama (RoPE, RMSNorm; the offline word tokenizer of
@@ -72,6 +75,9 @@ def get_config(arg: str = "caption"):
     elif option in ("compress", "mlp"):
       config.bridge.image.kind = option
       config.bridge.image.factor = 2
+    elif option == "compact":
+      config.bridge.image.update(kind="compress", factor=4, keep_cls=True)
+      config.bridge.audio.update(kind="compress", factor=5)
     elif option in ("scratch", "realenc"):
       pass
     else:

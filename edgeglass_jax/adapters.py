@@ -233,31 +233,50 @@ class PerceiverResampler(nn.Module):
 
 
 class TokenCompressor(nn.Module):
-  """OmniVision-style compression: `[B, g*g (+1 CLS), D]` -> `[B, (g/f)^2, out]`.
+  """OmniVision-style compression: `[B, g*g (+1 CLS), D]` -> `[B, (1 +) (g/f)^2, out]`.
 
   `space_to_depth` concatenates each f x f neighbourhood (729 x D -> 81 x 9D for a 27x27 grid
   and f = 3), then Dense `proj` maps f*f*D to `out`. has_cls: True drops a leading CLS token,
-  False keeps all tokens, None infers it from N (see `grid_side`).
+  False keeps all tokens, None infers it from N (see `grid_side`). keep_cls: the CLS token,
+  projected by its own Dense `cls_proj`, leads the output instead of being dropped (it is the
+  tokens' summary: DINOv2's CLS alone gives the synthetic colours to a linear probe at .95, its
+  4x4-compressed grid at .89); raises when the tokens have none.
   """
   factor: int = 3
   out: int = 256
   has_cls: Optional[bool] = False
+  keep_cls: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dot_general_cls: DotGeneralFactory = None
   quant: Optional[layers.Quant] = None
 
+  def _cls(self, tokens: Array) -> bool:
+    """Whether a kept CLS token leads the output (checked against the tokens' shape)."""
+    if not self.keep_cls:
+      return False
+    if not grid_side(tokens.shape[1], self.factor, self.has_cls, tokens.shape)[1]:
+      raise ValueError(f"TokenCompressor(keep_cls=True): tokens [B, N, D] of shape "
+                       f"{tokens.shape} have no leading CLS token (has_cls={self.has_cls})")
+    return True
+
   @nn.compact
   def __call__(self, tokens: Array) -> Array:
-    x = space_to_depth(tokens, self.factor, self.has_cls)
-    return layers.Dense(self.out, kernel_axes=("mlp", "embed"), dtype=self.dtype,
-                        param_dtype=self.param_dtype, dot_general_cls=self.dot_general_cls,
-                        quant=self.quant, name="proj")(x)
+    kw = dict(kernel_axes=("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
+              dot_general_cls=self.dot_general_cls, quant=self.quant)
+    x = layers.Dense(self.out, name="proj", **kw)(
+        space_to_depth(tokens, self.factor, self.has_cls))
+    if not self._cls(tokens):
+      return x
+    return jnp.concatenate([layers.Dense(self.out, name="cls_proj", **kw)(tokens[:, :1]), x], 1)
 
   def compress_mask(self, token_mask: Array) -> Array:
-    """`[B, N]` -> `[B, (g/f)^2]`: a compressed token is valid when any of its tokens is."""
+    """`[B, N]` -> `[B, (1 +) (g/f)^2]`: a compressed token is valid when any of its tokens is."""
     m = space_to_depth(token_mask[..., None].astype(jnp.float32), self.factor, self.has_cls)
-    return m.max(axis=-1) > 0
+    m = m.max(axis=-1) > 0
+    if not self._cls(token_mask[..., None]):
+      return m
+    return jnp.concatenate([token_mask[:, :1].astype(bool), m], 1)
 
 
 class MatryoshkaHead(nn.Module):
@@ -313,7 +332,9 @@ class AdapterConfig:
     `factor` to `hidden`, the projector's blocks on each compressed token, masked mean).
   hidden: adapter width; depth: residual MLP blocks (perceiver: self-attention blocks);
   mlp_ratio: MLP hidden units per adapter unit; style: MLPProjector style ("residual" |
-  "freeze_align"); has_cls: compress only, whether tokens start with a CLS token (None: infer).
+  "freeze_align"); has_cls: compress only, whether tokens start with a CLS token (None: infer);
+  keep_cls: compress only, the CLS token becomes a compressed token of its own (see
+  `TokenCompressor`).
   """
   kind: str = "mlp"
   hidden: int = 256
@@ -325,6 +346,7 @@ class AdapterConfig:
   dropout: float = 0.0
   style: str = "residual"
   has_cls: Optional[bool] = None
+  keep_cls: bool = False
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -358,6 +380,8 @@ class AdapterConfig:
         kw[k] = float(v)
       elif k == "has_cls":
         kw[k] = None if v is None else bool(v)
+      elif k == "keep_cls":
+        kw[k] = bool(v)
       else:
         kw[k] = int(v)
     return cls(**kw)
@@ -420,7 +444,8 @@ class ModalityAdapter(nn.Module):
                                cfg.mlp_ratio, name="resampler", **kw)(tokens, token_mask)
       h = masked_mean(lat)
     else:
-      compressor = TokenCompressor(cfg.factor, cfg.hidden, cfg.has_cls, name="compressor", **kw)
+      compressor = TokenCompressor(cfg.factor, cfg.hidden, cfg.has_cls, cfg.keep_cls,
+                                   name="compressor", **kw)
       x = compressor(tokens)
       x = MLPProjector(in_proj=False, **projector)(x, deterministic)
       h = masked_mean(x, None if token_mask is None else compressor.compress_mask(token_mask))

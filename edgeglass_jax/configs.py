@@ -109,10 +109,12 @@ def base(task: str):
   return config
 
 
-def adapter(kind="mlp", hidden=256, depth=2, num_latents=32, num_heads=4, factor=3):
-  """`adapters.AdapterConfig` fields; kind: mlp (pooled) | mean | perceiver | compress."""
+def adapter(kind="mlp", hidden=256, depth=2, num_latents=32, num_heads=4, factor=3,
+            keep_cls=False):
+  """`adapters.AdapterConfig` fields; kind: mlp (pooled) | mean | perceiver | compress
+  (keep_cls: the image CLS token is kept as a token of its own)."""
   return mlc.ConfigDict(dict(kind=kind, hidden=hidden, depth=depth, num_latents=num_latents,
-                             num_heads=num_heads, factor=factor))
+                             num_heads=num_heads, factor=factor, keep_cls=keep_cls))
 
 
 def quant(kind="none", backward=False, attention=True, backend="aqt"):

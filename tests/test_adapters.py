@@ -174,6 +174,26 @@ def test_token_compressor_matches_numpy_space_to_depth(has_cls):
                              + np.asarray(params["proj"]["bias"]), atol=1e-5)
 
 
+def test_token_compressor_keeps_the_cls_token_as_its_own_first_token():
+  rng = np.random.default_rng(5)
+  tokens = rng.standard_normal((2, 37, 4)).astype(np.float32)
+  model = A.TokenCompressor(factor=3, out=8, keep_cls=True, has_cls=None)
+  params = nn.meta.unbox(run_fast(model.init, jax.random.PRNGKey(0), tokens))["params"]
+  out = np.asarray(run_fast(model.apply, {"params": params}, tokens))
+  assert out.shape == (2, 5, 8)
+  dense = lambda x, p: x @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
+  np.testing.assert_allclose(out[:, 0], dense(tokens[:, 0], params["cls_proj"]), atol=1e-5)
+  np.testing.assert_allclose(out[:, 1:], dense(ref_space_to_depth(tokens, 3, True),
+                                               params["proj"]), atol=1e-5)
+  mask = np.ones((2, 37), bool)
+  mask[0, 0] = False
+  mask[1, 1:] = False
+  np.testing.assert_array_equal(model.compress_mask(jnp.asarray(mask)),
+                                [[False] + [True] * 4, [True] + [False] * 4])
+  with pytest.raises(ValueError, match=r"keep_cls=True.*\(2, 36, 4\) have no leading CLS"):
+    jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((2, 36, 4)))
+
+
 def test_compressed_mask_is_any_of_its_neighbourhood():
   mask = np.ones((1, 36), bool).reshape(1, 6, 6)
   mask[0, :3, :3] = False

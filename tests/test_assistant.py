@@ -251,7 +251,7 @@ def _encoder_tokens(config):
 
 @pytest.mark.parametrize("arg", ["qa", "qa,perceiver64", "qa,perceiver128", "qa,compress",
                                  "qa,mlp", "qa,tiny,compress", "qa,tiny,realenc,compress",
-                                 "qa,tiny,realenc,mlp"])
+                                 "qa,tiny,realenc,mlp", "qa,compact", "qa,tiny,realenc,compact"])
 def test_every_bridge_option_fits_its_encoders_tokens(arg):
   """Each option's bridge builds on the token shapes of its encoders at that size (the full
   `compress` once asked 3x3 groups of DINOv2's 16x16 grid) with the soft-token count it names."""
@@ -262,10 +262,13 @@ def test_every_bridge_option_fits_its_encoders_tokens(arg):
   bridge = assistant.Bridge(mods, width=32)
   soft, _ = jax.eval_shape(lambda r: bridge.init_with_output(
       r, assistant.dummy_features(dims, ("image", "audio")))[0], jax.random.key(0))
-  image = config.bridge.image
+  image, audio = config.bridge.image, config.bridge.audio
   expect = {"perceiver": image.num_latents, "mlp": dims["image"][0],
-            "compress": (math.isqrt(dims["image"][0] - 1) // image.factor) ** 2}[image.kind]
-  assert soft.shape == (1, expect + config.bridge.audio.num_latents, 32)
+            "compress": (math.isqrt(dims["image"][0] - 1) // image.factor) ** 2
+            + image.keep_cls}[image.kind]
+  expect += {"perceiver": audio.num_latents,
+             "compress": -(-dims["audio"][0] // audio.factor)}[audio.kind]
+  assert soft.shape == (1, expect, 32)
 
 
 def test_word_tokenizer_reads_a_transcript_like_the_typed_question():
