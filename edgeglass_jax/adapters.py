@@ -360,6 +360,8 @@ class AdapterConfig:
       raise ValueError(f"AdapterConfig.depth must be >= 0, got {self.depth}")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"AdapterConfig.dropout must be in [0, 1), got {self.dropout}")
+    if self.keep_cls and self.kind != "compress":
+      raise ValueError(f"AdapterConfig.keep_cls is for kind 'compress', not {self.kind!r}")
     if self.kind == "perceiver" and self.hidden % self.num_heads:
       raise ValueError(f"AdapterConfig: hidden {self.hidden} is not a multiple of num_heads "
                        f"{self.num_heads} (kind='perceiver')")

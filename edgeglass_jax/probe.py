@@ -28,17 +28,17 @@ LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # times the feature count
 
 def _fit(x: np.ndarray, y: np.ndarray, num_classes: int, lam: float
          ) -> Tuple[np.ndarray, np.ndarray]:
-  """Ridge weights `[D, C]` and bias `[C]` of one-hot targets on centred `x [N, D]`, solved in
-  the primal (D <= N) or the dual (D > N) form."""
+  """Ridge weights `[D, C]` and unpenalised bias `[C]` of one-hot targets on `x [N, D]` (both
+  centred for the solve), in the primal (D <= N) or the dual (D > N) form."""
   targets = np.eye(num_classes)[y]
-  bias = targets.mean(0)
-  targets = targets - bias
+  x_mean, t_mean = x.mean(0), targets.mean(0)
+  x, targets = x - x_mean, targets - t_mean
   n, d = x.shape
   if d <= n:
     w = np.linalg.solve(x.T @ x + lam * np.eye(d), x.T @ targets)
   else:
     w = x.T @ np.linalg.solve(x @ x.T + lam * np.eye(n), targets)
-  return w, bias
+  return w, t_mean - x_mean @ w
 
 
 def ridge_probe(x_train, y_train, x_test, y_test, lambdas: Sequence[float] = LAMBDAS,
@@ -100,9 +100,7 @@ def probe_cache(feature_dir: str, views: Sequence[str] = VIEWS, train: str = "tr
   if bad:
     raise ValueError(f"views {bad} are not among {VIEWS}")
   splits = {s: features.load_split(os.path.join(feature_dir, s)) for s in (train, test)}
-  labels = {s: {a: np.array([synthetic.VOCAB[a].index(getattr(synthetic.attributes_of(int(g)), a))
-                             for g in d["group"]]) for a in synthetic.ATTRIBUTE_NAMES}
-            for s, d in splits.items()}
+  labels = {s: synthetic.zero_shot_labels(d["group"]) for s, d in splits.items()}
   modalities = sorted({k.split("/")[0] for k in splits[train] if k.endswith("/valid")}
                       & {"image", "audio"})
   if not modalities:
@@ -138,7 +136,7 @@ def main(argv):
   f = flags.FLAGS
   try:
     metrics = probe_cache(f.features, [v for v in f.views.split(",") if v])
-  except (FileNotFoundError, ValueError, IOError) as e:
+  except (OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(format_probes(metrics))

@@ -4,8 +4,8 @@
 # One accelerator (or a big CPU host) has far more room than one SmolLM2-135M + LoRA run needs
 # (an H200 ran 7 of them side by side at 11 steps/s each), and compiling and evaluating are
 # host work: so the runs go as parallel processes sharing the device (no preallocation), after
-# the one feature extraction they all read. Each run is an ordinary resumable workdir under ROOT; rerunning this script
-# resumes the unfinished ones and skips the finished.
+# the one feature extraction they all read. Each run is an ordinary resumable workdir under
+# ROOT; rerunning this script resumes the unfinished ones and skips the finished.
 #
 #   ROOT/qa          stage 2 from a fresh bridge (Perceiver, 32 image latents), spoken eval
 #   ROOT/dpo         stage 3 (DPO) from ROOT/qa

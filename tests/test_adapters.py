@@ -375,6 +375,9 @@ def test_adapter_config_from_dict():
   assert cfg == A.AdapterConfig(kind="perceiver", hidden=64, depth=2, num_latents=32,
                                 num_heads=8, factor=3)
   assert A.AdapterConfig.from_dict(mlc.ConfigDict(dict(kind="compress", has_cls=True))).has_cls
+  assert A.AdapterConfig.from_dict(dict(kind="compress", keep_cls=1)).keep_cls is True
+  with pytest.raises(ValueError, match="keep_cls is for kind 'compress', not 'perceiver'"):
+    A.AdapterConfig.from_dict(dict(kind="perceiver", keep_cls=True))
   assert hash(cfg) == hash(A.AdapterConfig.from_dict(dict(cfg.__dict__)))
   with pytest.raises(ValueError, match=r"unknown keys \['hiden'\]"):
     A.AdapterConfig.from_dict(dict(kind="mlp", hiden=3))

@@ -17,14 +17,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("dims", [3, 40])
 def test_ridge_matches_the_primal_formula_in_either_form(dims):
-  """`_fit` solves the dual when D > N: its predictions equal (X'X + lam I)^-1 X'Y."""
+  """`_fit` solves the dual when D > N: its weights equal (X'X + lam I)^-1 X'Y of the centred
+  X and Y, its bias the targets' mean less the features' mean through them (so a shift of
+  every feature moves the bias, not the predictions)."""
   rng = np.random.default_rng(0)
-  x, y = rng.standard_normal((12, dims)), rng.integers(0, 3, 12)
+  x, y = rng.standard_normal((12, dims)) + 3.0, rng.integers(0, 3, 12)
   w, b = probe._fit(x, y, 3, 0.7)
   targets = np.eye(3)[y]
-  ref = np.linalg.inv(x.T @ x + 0.7 * np.eye(dims)) @ x.T @ (targets - targets.mean(0))
+  xc, tc = x - x.mean(0), targets - targets.mean(0)
+  ref = np.linalg.inv(xc.T @ xc + 0.7 * np.eye(dims)) @ xc.T @ tc
   np.testing.assert_allclose(w, ref, rtol=1e-9, atol=1e-12)
-  np.testing.assert_allclose(b, targets.mean(0))
+  np.testing.assert_allclose(b, targets.mean(0) - x.mean(0) @ ref, rtol=1e-9, atol=1e-12)
+  w2, b2 = probe._fit(x - 5.0, y, 3, 0.7)
+  np.testing.assert_allclose((x - 5.0) @ w2 + b2, x @ w + b, rtol=1e-9, atol=1e-9)
 
 
 def test_ridge_probe_reads_a_linear_label_and_not_noise():
