@@ -110,7 +110,7 @@ def get_config(arg: str = "caption"):
   config.train = dict(
       split="train", steps=steps, batch_size=32 if tiny else 16, learning_rate=lr,
       warmup_steps=max(steps // 20, 1), end_lr_fraction=0.1, weight_decay=0.0, b1=0.9, b2=0.999,
-      clip_norm=1.0, frozen="", log_every=25 if tiny else 50, eval_every=0,
+      clip_norm=1.0, frozen="", lr_scale="", log_every=25 if tiny else 50, eval_every=0,
       checkpoint_every=50 if tiny else 200, keep=2, keep_best_metric="", keep_best=1,
       best_mode="max", async_checkpoint=not tiny, max_nonfinite=20)
   config.eval = dict(split="test", modalities=("image", "audio", "text"),

@@ -48,3 +48,27 @@ def test_train_step_skips_a_nonfinite_loss_or_gradient(case):
     for a, b in zip(jax.tree.leaves((new.params, new.opt_state)),
                     jax.tree.leaves((state.params, state.opt_state))):
       np.testing.assert_array_equal(a, b)
+
+
+def test_lr_scale_multiplies_the_update_of_the_params_its_regex_matches():
+  """AdamW with constant gradients moves every param by lr * sign(grad); `lr_scale` multiplies
+  that move for the matching paths only, and the first matching rule wins."""
+  cfg = mlc.ConfigDict(dict(CFG.to_dict(), warmup_steps=0, steps=100,
+                            lr_scale=r"^bridge/:5, lora/a:0, lora:2"))
+  tx = loop.make_optimizer(cfg)
+  params = {"bridge": {"w": jnp.ones((2, 2))}, "lora": {"a": jnp.ones((2,)), "b": jnp.ones((2,))},
+            "other": {"bridge": jnp.ones((2,))}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  _, opt_state = tx.update(grads, tx.init(params), params)  # warmup: lr 0 at step 0
+  updates, _ = tx.update(grads, opt_state, params)
+  base = -float(CFG.learning_rate)
+  np.testing.assert_allclose(updates["bridge"]["w"], 5 * base, rtol=1e-4)
+  np.testing.assert_allclose(updates["lora"]["a"], 0.0)
+  np.testing.assert_allclose(updates["lora"]["b"], 2 * base, rtol=1e-4)
+  np.testing.assert_allclose(updates["other"]["bridge"], base, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["bridge", "bridge:x", ":2", "bridge:-1", "bridge:nan"])
+def test_lr_scale_names_a_malformed_rule(spec):
+  with pytest.raises(ValueError, match="train.lr_scale"):
+    loop.parse_lr_scale(spec)

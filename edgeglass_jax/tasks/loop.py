@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import re
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import flax
 import jax
@@ -165,11 +165,43 @@ def _path_name(path) -> str:
   return "/".join(str(k) for k in keys if k is not None and k != "value")
 
 
+def parse_lr_scale(spec: str) -> List[Tuple[re.Pattern, float]]:
+  """`"REGEX:FACTOR[,REGEX:FACTOR...]"` -> [(pattern, factor)]; "" -> []."""
+  out = []
+  for part in filter(None, (p.strip() for p in (spec or "").split(","))):
+    pattern, sep, factor = part.rpartition(":")
+    try:
+      value = float(factor)
+    except ValueError:
+      value = float("nan")
+    if not sep or not pattern or not np.isfinite(value) or value < 0:
+      raise ValueError(f"train.lr_scale={spec!r}: {part!r} is not REGEX:FACTOR with a finite "
+                       "factor >= 0")
+    out.append((re.compile(pattern), value))
+  return out
+
+
+def scale_by_path(rules: Sequence[Tuple[re.Pattern, float]]) -> optax.GradientTransformation:
+  """Multiplies the update of each param by the factor of the first rule whose regex its path
+  (e.g. "bridge/params/image/to_lm/kernel") matches; 1 when none does. After AdamW this is a
+  per-group learning rate: a bridge trained from scratch can move faster than LoRA."""
+  def factor(path):
+    name = _path_name(path)
+    return next((f for pattern, f in rules if pattern.search(name)), 1.0)
+
+  def scale(updates, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(lambda p, u: u * jnp.asarray(factor(p), u.dtype),
+                                            updates)
+  return optax.stateless(scale)
+
+
 def make_optimizer(cfg) -> optax.GradientTransformation:
   """AdamW with linear warmup + cosine decay and global-norm clipping.
 
   No weight decay on vectors (biases, norm scales, temperatures); params whose path matches
-  `cfg.frozen` (a regex, "" = none) get no update at all.
+  `cfg.frozen` (a regex, "" = none) get no update at all; `cfg.lr_scale` ("REGEX:FACTOR,...",
+  optional) multiplies the learning rate of the params whose path matches.
   """
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1),
@@ -178,6 +210,9 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
                    optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2,
                                weight_decay=cfg.weight_decay, mask=decay_mask))
+  rules = parse_lr_scale(cfg.get("lr_scale", ""))
+  if rules:
+    tx = optax.chain(tx, scale_by_path(rules))
   if not cfg.frozen:
     return tx
   frozen = re.compile(cfg.frozen)
