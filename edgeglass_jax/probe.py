@@ -1,6 +1,7 @@
 """Linear probes of a feature cache: how much of each synthetic attribute its features hold.
 
   python -m edgeglass_jax.probe --features=WORKDIR/features [--views=pooled,mean,first]
+  python -m edgeglass_jax.probe --assistant=WORKDIR      # where its attention sinks are
 
 A bridge or adapter can only read what the frozen encoders put in their features. This fits a
 ridge classifier (float64 numpy, features standardised on the train split, one-hot targets) per
@@ -13,6 +14,10 @@ Views of a modality's features: "pooled" (the cached pooled vector), "mean" (mas
 tokens) and "first" (token 0: the CLS token of a ViT or DINOv2; a Whisper frame for sound).
 Measured on the full-size assistant cache (DINOv2-S/14 at 224 px, Whisper tiny.en on 1 s), see
 README: the image CLS token alone gives colour .95 and shape, size and position 1.0.
+
+With `--assistant`, the same question one step further: does the LM keep what the soft tokens
+carry? It prints the residual-stream norms after each LM block (`assistant.sink_report`); a soft
+token with a norm ~100x the median has become an attention sink and what it carried is drowned.
 """
 from __future__ import annotations
 
@@ -134,7 +139,14 @@ def main(argv):
   del argv
   from absl import flags
   f = flags.FLAGS
+  if bool(f.features) == bool(f.assistant):
+    print("error: pass exactly one of --features and --assistant", file=sys.stderr)
+    sys.exit(2)
   try:
+    if f.assistant:
+      from edgeglass_jax.tasks import assistant
+      print(assistant.format_sink_report(assistant.sink_report(f.assistant, f.count)))
+      return
     metrics = probe_cache(f.features, [v for v in f.views.split(",") if v])
   except (OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -146,5 +158,7 @@ if __name__ == "__main__":
   from absl import app, flags as _flags
   _flags.DEFINE_string("features", None, "A feature cache directory (with train/ and test/).")
   _flags.DEFINE_string("views", ",".join(VIEWS), f"Comma-separated views among {VIEWS}.")
-  _flags.mark_flags_as_required(["features"])
+  _flags.DEFINE_string("assistant", None, "A trained assistant's workdir: print the residual "
+                       "norms of its sink, soft and text slots after each LM block instead.")
+  _flags.DEFINE_integer("count", 16, "With --assistant: questions per modality.")
   app.run(main)

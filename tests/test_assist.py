@@ -133,10 +133,11 @@ def test_speak_without_espeak_says_why(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  """The tiny assistant (random encoders and 2-layer LM of `configs/assistant.py:qa,tiny`),
-  trained once through the CLI as a user trains it; its answers are words, not good ones."""
+  """The tiny assistant (random encoders and 2-layer LM of `configs/assistant.py:qa,tiny`,
+  with the sink token in front), trained once through the CLI as a user trains it; its answers
+  are words, not good ones."""
   d = str(tmp_path_factory.mktemp("assistant"))
-  proc = run_main("--config=configs/assistant.py:qa,tiny", f"--workdir={d}",
+  proc = run_main("--config=configs/assistant.py:qa,tiny,sink", f"--workdir={d}",
                   "--config.train.steps=150", timeout=1500)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return d
@@ -267,3 +268,18 @@ def test_cli_named_errors_leave_workdir_unchanged(case, workdir, files, tmp_path
   error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
   assert error and expect in error[0], proc.stderr[-3000:]
   assert snapshot(target) == before
+
+
+def test_probe_prints_the_residual_norms_of_sink_soft_and_text_slots(workdir, tmp_path):
+  proc = run_main(f"--assistant={workdir}", "--count=4", module="edgeglass_jax.probe",
+                  timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  header, *rows = proc.stdout.strip().splitlines()
+  for column in ("image/sink/max", "image/soft/median", "audio/soft/max", "audio/text/median"):
+    assert column in header
+  assert [r.split()[0] for r in rows] == ["0", "1"]  # the tiny LM's 2 blocks
+  assert all(float(v) > 0 for r in rows for v in r.split()[1:])
+  empty = str(tmp_path / "empty")
+  os.makedirs(empty)
+  proc = run_main(f"--assistant={empty}", module="edgeglass_jax.probe", timeout=300)
+  assert proc.returncode == 2 and f"error: {empty} holds no trained assistant" in proc.stderr

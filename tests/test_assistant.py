@@ -1,5 +1,6 @@
 """The assistant's pieces by hand: sequence and masks, loss mask, DPO loss, minimal-edit pairs,
 masked-out modalities, the bridge kinds."""
+import dataclasses
 import math
 import os
 
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edgeglass_jax import adapters, configs, decoder, losses
+from edgeglass_jax import adapters, configs, decoder, generate, losses
 from edgeglass_jax.data import qa, synthetic
 from edgeglass_jax.tasks import assistant, lm_lora
 from tiny import ROOT
@@ -37,6 +38,29 @@ def test_prefix_lm_mask_of_an_assistant_sequence():
       [0, 0, 0, 0, 0, 0, 0, 0, 0]])  # PAD
   np.testing.assert_array_equal(got, want)
   np.testing.assert_array_equal(np.asarray(positions)[0, :8], [0, 1, 1, 2, 3, 4, 5, 6])
+
+
+def test_sink_token_sees_only_itself_and_the_prefix_sees_it():
+  """sink [image 0, absent][image 1][audio, absent] BOS q SEP a EOS PAD: the sink attends to
+  itself alone; mask_ar's step behind it falls on image 1, the first valid slot, so that
+  dropping the absent slots (as decoding does) keeps it."""
+  soft_mask = np.array([[False, True, False]])
+  ids, valid, ar, _ = assistant.text_sequence(BOS, [7], [9], [5], EOS, PAD, 6)
+  input_mask, mask_ar, positions = assistant.full_masks(soft_mask, valid[None], ar[None],
+                                                        sink=True)
+  np.testing.assert_array_equal(np.asarray(mask_ar)[0], [1, 0, 1, 0, 0, 0, 0, 1, 1, 1])
+  got = np.asarray(decoder.make_prefix_lm_mask(input_mask, mask_ar)).astype(int)[0]
+  prefix = [1, 0, 1, 0, 1, 1, 1, 0, 0, 0]
+  want = np.array([
+      [1, 0, 0, 0, 0, 0, 0, 0, 0, 0],                # sink
+      [0] * 10,                                      # absent image slot
+      prefix, [0] * 10, prefix, prefix, prefix,      # image 1, absent audio, BOS, q, SEP
+      [1, 0, 1, 0, 1, 1, 1, 1, 0, 0],                # answer
+      [1, 0, 1, 0, 1, 1, 1, 1, 1, 0],                # EOS
+      [0] * 10])                                     # PAD
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(np.asarray(positions)[0, [0, 2, 4, 5, 6, 7, 8]],
+                                [0, 1, 2, 3, 4, 5, 6])
 
 
 def test_loss_mask_covers_exactly_the_answer_and_eos():
@@ -172,6 +196,66 @@ def test_absent_modalities_drop_out_through_masks(kind, num_soft):
   np.testing.assert_allclose(text_only[:, 1:][seen], plain[:, :-1][seen], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("sink", [False, True])
+def test_greedy_decoding_agrees_with_the_teacher_forced_sequence(sink):
+  """The compacted prefix `Decoding` feeds the LM (absent slots dropped) predicts the first
+  answer token as the training-time sequence does, and what it generates is, token by token,
+  the argmax of the training-time logits of the same sequence with that answer."""
+  model, lm_vars, trainable, feats = _tiny_model("compress")
+  model = dataclasses.replace(model, sink=sink)
+  rng = np.random.default_rng(1)
+  batch = dict(feats, **{"image/tokens": rng.normal(size=(2, 17, 12)).astype(np.float32),
+                         "audio/tokens": rng.normal(size=(2, 5, 8)).astype(np.float32),
+                         "image/valid": np.array([True, False]),
+                         "audio/valid": np.array([False, True])})
+  questions = ("what color is the shape?", "where is the sound?")
+  prompts = [model.prompt(q, 16) for q in questions]
+  prompt_batch = dict(batch, **{k: np.stack([p[k] for p in prompts]) for k in prompts[0]})
+  embeds, mask, mask_ar = assistant.Decoding(model).prefix(trainable, lm_vars, prompt_batch)
+  soft = (4, 3)  # 2x2 groups of the 4x4 patches; 5 frames in groups of 2
+  assert mask.sum(1).tolist() == [int(sink) + k + 1 + len(model.codec.encode(q))
+                                  + len(model.sep_ids) for k, q in zip(soft, questions)]
+  tokens = np.asarray(generate.generate(model.lm, lm_vars, None, 4, attention_mask=mask,
+                                        inputs_embeds=embeds, mask_ar=mask_ar))
+  seqs = [assistant.text_sequence(BOS, model.codec.encode(q), model.sep_ids, list(t),
+                                  model.codec.eos_id, model.codec.pad_id, 24)
+          for q, t in zip(questions, tokens)]
+  forced = dict(batch, **{k: np.stack([s[j] for s in seqs]) for j, k in
+                          enumerate(("text", "text/valid", "text/ar", "text/loss"))})
+  logits = np.asarray(model.text_logits(trainable, lm_vars, forced))
+  positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  prefill = np.asarray(model.lm.apply(lm_vars, None, positions, decoder.make_prefix_lm_mask(
+      mask, mask_ar), inputs_embeds=embeds))
+  for row, seq in enumerate(seqs):
+    start = int(np.argmax(seq[2]))
+    np.testing.assert_allclose(logits[row, start], prefill[row, mask[row].sum() - 1],
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(logits[row, start:start + 4].argmax(-1), tokens[row])
+
+
+def test_hidden_norms_are_the_norms_after_each_block_with_masked_slots_zero():
+  model, lm_vars, trainable, feats = _tiny_model("compress")
+  model = dataclasses.replace(model, sink=True)
+  prompt = model.prompt("what color is the shape?", 16)
+  batch = dict(feats, **{k: np.stack([v, v]) for k, v in prompt.items()})
+  batch["audio/valid"] = np.array([False, True])
+  norms = np.asarray(model.hidden_norms(trainable, lm_vars, batch))
+  x, input_mask, mask_ar, positions = model.inputs(trainable, lm_vars, batch)
+
+  def by_hand(lm, x):
+    out = []
+    for block in lm.layers:
+      _, x = block(x, positions, None, decoder.make_prefix_lm_mask(input_mask, mask_ar))
+      out.append(jnp.linalg.norm(x, axis=-1))
+    return jnp.stack(out)
+
+  want = np.asarray(model.lm.apply(lm_vars, x, method=by_hand))
+  valid = np.asarray(input_mask)
+  assert norms.shape == (2, 2, 1 + model.num_soft + 16)
+  np.testing.assert_allclose(norms[:, valid], want[:, valid], rtol=1e-5)
+  assert not norms[:, ~valid].any() and (~valid[0]).sum() > (~valid[1]).sum()
+
+
 def test_scratch_lm_starts_from_the_loaded_lm_and_learns_from_informative_tokens():
   """`lm.train_all` trains the loaded LM (its embedding scale is what the bridge's output scale
   was measured on), and the path soft tokens -> answer is learnable: with image tokens that
@@ -223,10 +307,12 @@ def test_scratch_lm_starts_from_the_loaded_lm_and_learns_from_informative_tokens
 
 
 @pytest.mark.parametrize("arg", ["caption", "qa,compress", "dpo,mlp", "qa,perceiver64",
-                                 "qa,scratch", "caption,tiny", "qa,tiny,realenc"])
+                                 "qa,scratch", "caption,tiny", "qa,tiny,realenc",
+                                 "qa,compact,sink"])
 def test_stage_configs_load_with_their_options(arg):
   config = configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":" + arg)
   assert config.task == "assistant" and config.stage == arg.split(",")[0]
+  assert config.data.sink == ("sink" in arg)
   real = "tiny" not in arg or "realenc" in arg
   assert bool(config.encoders.image.package == "dinov2-small") == real
   assert config.encoders.audio.package == ("whisper-tiny.en" if real else "")

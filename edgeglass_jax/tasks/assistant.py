@@ -183,12 +183,23 @@ def text_sequence(bos: int, prompt: Sequence[int], sep: Sequence[int],
   return ids, valid, mask_ar, mask_loss
 
 
-def full_masks(soft_mask: jax.Array, text_valid: jax.Array, text_ar: jax.Array
-               ) -> Tuple[jax.Array, jax.Array, jax.Array]:
-  """Soft-token + text masks -> (input_mask [B, L], mask_ar [B, L], positions [B, L])."""
-  input_mask = jnp.concatenate([soft_mask.astype(bool), text_valid.astype(bool)], 1)
-  mask_ar = jnp.concatenate([jnp.zeros(soft_mask.shape, jnp.int32),
-                             text_ar.astype(jnp.int32)], 1)
+def full_masks(soft_mask: jax.Array, text_valid: jax.Array, text_ar: jax.Array,
+               sink: bool = False) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """Soft-token + text masks -> (input_mask [B, L], mask_ar [B, L], positions [B, L]).
+
+  With `sink`, L has one more slot in front: a sink token (see `Model.sink`) with `mask_ar` 1,
+  and the first valid slot behind it gets `mask_ar` 1 too (a valid one, so that dropping the
+  masked slots keeps it), so the sink sees only itself while the prefix behind it sees the
+  sink and itself bidirectionally."""
+  b = soft_mask.shape[0]
+  lead_mask, lead_ar = ([jnp.ones((b, 1), bool)], [jnp.ones((b, 1), jnp.int32)]) if sink else \
+      ([], [])
+  input_mask = jnp.concatenate(lead_mask + [soft_mask.astype(bool), text_valid.astype(bool)], 1)
+  mask_ar = jnp.concatenate(lead_ar + [jnp.zeros(soft_mask.shape, jnp.int32),
+                                       text_ar.astype(jnp.int32)], 1)
+  if sink:
+    first = jnp.argmax(input_mask[:, 1:], axis=1) + 1
+    mask_ar = jnp.where(jnp.arange(mask_ar.shape[1]) == first[:, None], 1, mask_ar)
   positions = jnp.maximum(jnp.cumsum(input_mask, 1) - 1, 0).astype(jnp.int32)
   return input_mask, mask_ar, positions
 
@@ -202,6 +213,11 @@ class Model:
 
   `trainable = {"bridge": ..., "lora": ... (stages qa, dpo), "lm": ... (LM trained from
   scratch)}`; `lm_vars` are the frozen LM variables (or None when the LM is trainable).
+
+  `sink`: the sequence starts with one more BOS, which only attends to itself, before the soft
+  tokens. A causal LM makes its first token an attention sink (hidden norms ~100x the others
+  from its early layers on); in a bidirectional prefix no token sees only itself, and frozen
+  SmolLM2 made the soft tokens that hold the object sinks instead, which drowns what they carry.
   """
   bridge: Bridge
   lm: decoder.Decoder
@@ -210,6 +226,12 @@ class Model:
   bos_id: int
   sep_ids: Tuple[int, ...]
   num_soft: int
+  sink: bool = False
+
+  @property
+  def num_lead(self) -> int:
+    """Positions before the text: the sink (if any) and the soft tokens."""
+    return self.num_soft + int(self.sink)
 
   def lm_variables(self, trainable, lm_vars):
     return trainable["lm"] if "lm" in trainable else lm_vars
@@ -226,8 +248,13 @@ class Model:
     soft, soft_mask = self.bridge.apply(trainable["bridge"], batch)
     text = self.lm.apply(self.lm_variables(trainable, lm_vars), batch[prefix + "text"],
                          method="embed")
-    x = jnp.concatenate([soft.astype(text.dtype), text], 1)
-    return (x,) + full_masks(soft_mask, batch[prefix + "text/valid"], batch[prefix + "text/ar"])
+    parts = [soft.astype(text.dtype), text]
+    if self.sink:
+      bos = jnp.full((text.shape[0], 1), self.bos_id, jnp.int32)
+      parts.insert(0, self.lm.apply(self.lm_variables(trainable, lm_vars), bos, method="embed"))
+    x = jnp.concatenate(parts, 1)
+    return (x,) + full_masks(soft_mask, batch[prefix + "text/valid"], batch[prefix + "text/ar"],
+                             self.sink)
 
   def text_logits(self, trainable, lm_vars, batch, prefix: str = "", rng=None,
                   deterministic=True):
@@ -237,13 +264,26 @@ class Model:
     t = batch[prefix + "text"].shape[1]
     return self._lm_apply(trainable, lm_vars, None, positions, attn, inputs_embeds=x, rng=rng,
                           deterministic=deterministic,
-                          logits_slice=(self.num_soft - 1, self.num_soft - 1 + t))
+                          logits_slice=(self.num_lead - 1, self.num_lead - 1 + t))
 
   def answer_nll(self, trainable, lm_vars, batch, prefix: str = "", rng=None,
                  deterministic=True):
     """Per-example summed answer-token NLL and answer-token count, both `[B]`."""
     logits = self.text_logits(trainable, lm_vars, batch, prefix, rng, deterministic)
     return lm_lora.answer_nll(logits, batch[prefix + "text"], batch[prefix + "text/loss"])
+
+  def hidden_norms(self, trainable, lm_vars, batch) -> jax.Array:
+    """`[layers, B, L]`: the L2 norm of each position's residual stream after each LM block
+    (LoRA merged), 0 at masked slots. An attention sink shows as a norm ~100x the median."""
+    x, input_mask, mask_ar, positions = self.inputs(trainable, lm_vars, batch)
+    attn = decoder.make_prefix_lm_mask(input_mask, mask_ar)
+    _, state = self.lm.apply(self.serving_lm(trainable, lm_vars), None, positions, attn,
+                             inputs_embeds=x, mutable=["intermediates"],
+                             capture_intermediates=lambda m, _: isinstance(m, decoder.DecoderBlock))
+    blocks = state["intermediates"]
+    out = [blocks[f"layers_{i}"]["__call__"][0][1] for i in range(len(blocks))]
+    return jnp.where(input_mask, jnp.linalg.norm(jnp.stack(out).astype(jnp.float32), axis=-1),
+                     0.0)
 
   def serving_lm(self, trainable, lm_vars):
     variables = self.lm_variables(trainable, lm_vars)
@@ -528,7 +568,8 @@ def build_model(config, dims: Dict[str, Tuple[int, int]]):
   lora = peft.LoRAConfig.from_config(config.lora) if config.stage != "caption" else None
   if config.lm.train_all:
     lora = None
-  return Model(bridge, module, lora, codec, bos, sep, int(num_soft)), lm_vars, source
+  sink = bool(config.data.get("sink", False))
+  return Model(bridge, module, lora, codec, bos, sep, int(num_soft), sink), lm_vars, source
 
 
 def dummy_features(dims, modalities, batch: int = 1):
@@ -1046,6 +1087,7 @@ class Assistant:
     ids = self.model.codec.encode(prompt)
     soft = int(sum(batch[f"{m}/token_mask"].sum() * batch[f"{m}/valid"][0]
                    for m in self.encoders)) if image is not None or audio is not None else 0
+    soft += int(self.model.sink)
     text_len = 1 + len(ids) + len(self.model.sep_ids)
     if soft + text_len + max_new_tokens > self.context_length:
       raise QuestionTooLongError(
@@ -1057,6 +1099,59 @@ class Assistant:
     text_out = self.decoding(self.trainable, self.lm_vars, batch, max_new_tokens, self.served,
                              timings, counts)[0]
     return Answer(text_out, timings, counts[0])
+
+
+def sink_report(workdir: str, count: int = 16) -> Dict[str, np.ndarray]:
+  """Where the trained assistant of `workdir` puts its attention sinks.
+
+  Runs the first `count` image and `count` audio questions of the cached train split and
+  returns `{"{m}/{slots}/{median|max}": [layers]}` for `slots` in sink (the sink token, when
+  the model has one), soft (the item's soft tokens) and text: the residual-stream norm after
+  each LM block over those slots (`Model.hidden_norms`)."""
+  record, params = read_export(workdir)
+  config = mlc.ConfigDict(record["config"])
+  feature_dir = record["features_dir"]
+  dims = feature_dims(feature_dir, "train")
+  model, lm_vars, _ = build_model(config, dims)
+  lm_vars = None if lm_vars is None else nn.meta.unbox(lm_vars)
+  trainable = jax.tree.map(jnp.asarray, _dict(params))
+  dataset = sources.synthetic_dataset(config.data)
+  mods = tuple(m for m in BRIDGE_MODALITIES if m in config.bridge.modalities)
+  feats = pipeline.FeatureSource(os.path.join(feature_dir, "train"), mods,
+                                 keys=("tokens", "token_mask"))
+  src = QASource(dataset, "train", feats, train_items(config, dataset, "train"), model,
+                 int(config.data.max_len))
+  norms_fn = jax.jit(model.hidden_norms)
+  out = {}
+  for m in mods:
+    rows = [k for k, it in enumerate(src.items) if it.modality == m][:count]
+    if not rows:
+      continue
+    batch = src.get_batch(rows)
+    norms = np.asarray(norms_fn(trainable, lm_vars, batch))
+    lead = int(model.sink)
+    soft_mask = np.asarray(model.bridge.apply(trainable["bridge"], batch)[1])
+    slots = {"soft": np.zeros(norms.shape[1:], bool), "text": np.zeros(norms.shape[1:], bool)}
+    slots["soft"][:, lead:lead + model.num_soft] = soft_mask
+    slots["text"][:, model.num_lead:] = batch["text/valid"]
+    if model.sink:
+      slots["sink"] = np.zeros(norms.shape[1:], bool)
+      slots["sink"][:, 0] = True
+    for name, where in slots.items():
+      values = norms[:, where]
+      out[f"{m}/{name}/median"] = np.median(values, axis=1)
+      out[f"{m}/{name}/max"] = values.max(axis=1)
+  return out
+
+
+def format_sink_report(report: Dict[str, np.ndarray]) -> str:
+  columns = sorted(report, key=lambda k: (k.split("/")[0], ("sink", "soft", "text").index(
+      k.split("/")[1]), k.split("/")[2]))
+  layers_n = len(report[columns[0]])
+  lines = ["layer" + "".join(f"{c:>20}" for c in columns)]
+  for i in range(layers_n):
+    lines.append(f"{i:>5}" + "".join(f"{report[c][i]:>20.0f}" for c in columns))
+  return "\n".join(lines)
 
 
 def load_assistant(workdir: str) -> Assistant:
