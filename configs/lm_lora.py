@@ -36,8 +36,8 @@ def get_config(arg: str = ""):
       learning_rate=3e-3 if tiny else 1e-3, warmup_steps=max(steps // 20, 1),
       end_lr_fraction=0.1, weight_decay=0.0, b1=0.9, b2=0.999, clip_norm=1.0, frozen="",
       lr_scale="", log_every=10 if tiny else 25, eval_every=0,
-      checkpoint_every=20 if tiny else 100, keep=2, keep_best_metric="", keep_best=1, best_mode="min", async_checkpoint=not tiny,
-      max_nonfinite=20)
+      checkpoint_every=20 if tiny else 100, keep=2, keep_best_metric="", keep_best=1,
+      best_mode="min", async_checkpoint=not tiny, max_nonfinite=20)
   config.eval = dict(split="test", batch_size=16, num_generations=4,
                      max_new_tokens=16 if tiny else 24)
   config.axis_rules = ()
