@@ -134,8 +134,8 @@ def align(widths=(256, 128, 64, 32), steps=600, batch_size=256, learning_rate=1e
   config.train = dict(
       split="train", steps=steps, batch_size=batch_size, learning_rate=learning_rate,
       warmup_steps=max(steps // 20, 1), end_lr_fraction=0.05, weight_decay=1e-4, b1=0.9,
-      b2=0.999, clip_norm=1.0, frozen="", lr_scale="", log_every=50, eval_every=0, checkpoint_every=200,
-      keep=3, keep_best_metric="", keep_best=1, best_mode="max", async_checkpoint=True, max_nonfinite=20)
+      b2=0.999, clip_norm=1.0, frozen="", lr_scale="", log_every=50, eval_every=0,
+      checkpoint_every=200, keep=3, keep_best_metric="", keep_best=1, best_mode="max", async_checkpoint=True, max_nonfinite=20)
   config.eval = dict(splits=("val", "test"), batch_size=256)
   config.quant = quant()
   config.axis_rules = ()

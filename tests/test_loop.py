@@ -68,7 +68,8 @@ def test_lr_scale_multiplies_the_update_of_the_params_its_regex_matches():
   np.testing.assert_allclose(updates["other"]["bridge"], base, rtol=1e-4)
 
 
-@pytest.mark.parametrize("spec", ["bridge", "bridge:x", ":2", "bridge:-1", "bridge:nan"])
+@pytest.mark.parametrize("spec", ["bridge", "bridge:x", ":2", "bridge:-1", "bridge:nan",
+                                  "lora:1,[bad:2"])
 def test_lr_scale_names_a_malformed_rule(spec):
   with pytest.raises(ValueError, match="train.lr_scale"):
     loop.parse_lr_scale(spec)

@@ -177,7 +177,10 @@ def parse_lr_scale(spec: str) -> List[Tuple[re.Pattern, float]]:
     if not sep or not pattern or not np.isfinite(value) or value < 0:
       raise ValueError(f"train.lr_scale={spec!r}: {part!r} is not REGEX:FACTOR with a finite "
                        "factor >= 0")
-    out.append((re.compile(pattern), value))
+    try:
+      out.append((re.compile(pattern), value))
+    except re.error as e:
+      raise ValueError(f"train.lr_scale={spec!r}: {pattern!r} is not a regex ({e})") from e
   return out
 
 
