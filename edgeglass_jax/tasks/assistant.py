@@ -1145,6 +1145,7 @@ def sink_report(workdir: str, count: int = 16) -> Dict[str, np.ndarray]:
 
 
 def format_sink_report(report: Dict[str, np.ndarray]) -> str:
+  """`sink_report` as a table: a row per LM block, a column per modality/slots/statistic."""
   columns = sorted(report, key=lambda k: (k.split("/")[0], ("sink", "soft", "text").index(
       k.split("/")[1]), k.split("/")[2]))
   layers_n = len(report[columns[0]])
