@@ -16,8 +16,12 @@ ARG is "STAGE[,OPTION...]": STAGE one of caption | qa | dpo; options:
   compact         TokenCompressor bridges without a latent bottleneck for both: the image's
                   CLS token plus 4x4 groups of patches (17 soft tokens at 224 px), groups of 5
                   Whisper frames for sound (10 at 1 s);
-  sink            one more BOS in front of the soft tokens, attending only to itself: the
-                  attention sink a causal LM makes of its first token (`Model.sink`);
+  sink / nosink   with / without one more BOS in front of the soft tokens that attends only
+                  to itself: the attention sink a causal LM makes of its first token
+                  (`Model.sink`). On by default for the pretrained LM (measured at full size:
+                  without it SmolLM2 made the soft tokens holding the object its sinks and read
+                  neither shape nor sounds; see README), off for `scratch`, whose LM is trained
+                  with the bridge; `nosink` gives PaliGemma's layout exactly;
   realenc         with tiny: the real DINOv2-S/14 (at 56 px: 16 patch tokens) and Whisper
                   tiny.en in place of the random towers; the LM stays tiny;
   scratch         a 6-layer, width-512 Llama (RoPE, RMSNorm; the offline word tokenizer of
@@ -50,7 +54,7 @@ def get_config(arg: str = "caption"):
   config.data.qa_modalities = ("image", "audio") if stage == "caption" else ("image", "audio",
                                                                              "text")
   config.data.kinds = KINDS[stage]
-  config.data.sink = "sink" in options
+  config.data.sink = "sink" in options or not ({"scratch", "nosink"} & set(options))
   if tiny and "realenc" not in options:
     config.encoders = configs.tiny_random_encoders(audio_seconds=0.5)
   else:
@@ -81,7 +85,9 @@ def get_config(arg: str = "caption"):
     elif option == "compact":
       config.bridge.image.update(kind="compress", factor=4, keep_cls=True)
       config.bridge.audio.update(kind="compress", factor=5)
-    elif option in ("scratch", "realenc", "sink"):
+    elif option in ("sink", "nosink") and {"sink", "nosink"} <= set(options):
+      raise ValueError(f"configs/assistant.py: options 'sink' and 'nosink' contradict in {arg!r}")
+    elif option in ("scratch", "realenc", "sink", "nosink"):
       pass
     else:
       raise ValueError(f"configs/assistant.py: unknown option {option!r} in {arg!r}")

@@ -134,10 +134,10 @@ def test_speak_without_espeak_says_why(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   """The tiny assistant (random encoders and 2-layer LM of `configs/assistant.py:qa,tiny`,
-  with the sink token in front), trained once through the CLI as a user trains it; its answers
+  with its default sink token in front), trained once through the CLI as a user trains it; its answers
   are words, not good ones."""
   d = str(tmp_path_factory.mktemp("assistant"))
-  proc = run_main("--config=configs/assistant.py:qa,tiny,sink", f"--workdir={d}",
+  proc = run_main("--config=configs/assistant.py:qa,tiny", f"--workdir={d}",
                   "--config.train.steps=150", timeout=1500)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return d

@@ -308,11 +308,15 @@ def test_scratch_lm_starts_from_the_loaded_lm_and_learns_from_informative_tokens
 
 @pytest.mark.parametrize("arg", ["caption", "qa,compress", "dpo,mlp", "qa,perceiver64",
                                  "qa,scratch", "caption,tiny", "qa,tiny,realenc",
-                                 "qa,compact,sink"])
+                                 "qa,compact,sink", "qa,compact,nosink", "qa,tiny,nosink",
+                                 "qa,scratch,sink"])
 def test_stage_configs_load_with_their_options(arg):
+  """Every option loads; the sink is on for the pretrained LM unless `nosink`, off for a scratch
+  LM unless `sink`."""
   config = configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":" + arg)
+  options = arg.split(",")[1:]
   assert config.task == "assistant" and config.stage == arg.split(",")[0]
-  assert config.data.sink == ("sink" in arg)
+  assert config.data.sink == ("sink" in options or not {"scratch", "nosink"} & set(options))
   real = "tiny" not in arg or "realenc" in arg
   assert bool(config.encoders.image.package == "dinov2-small") == real
   assert config.encoders.audio.package == ("whisper-tiny.en" if real else "")
@@ -320,6 +324,8 @@ def test_stage_configs_load_with_their_options(arg):
     assert config.encoders.image.image_size == 56 and config.lm.random  # the tiny LM stays
   with pytest.raises(ValueError, match="unknown option 'nope'"):
     configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":" + arg + ",nope")
+  with pytest.raises(ValueError, match="'sink' and 'nosink' contradict"):
+    configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":qa,sink,nosink")
 
 
 def _encoder_tokens(config):

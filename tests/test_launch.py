@@ -41,14 +41,14 @@ def test_usage_errors(script, env, needle):
 def test_assistant_ablations_skips_finished_runs_and_runs_in_order(tmp_path):
   """A rerun starts nothing that has exported its assistant, and asks for each run after what it
   depends on: the caption run's features, the qa run before dpo, caption before cqa."""
-  runs = ["caption", "qa", "dpo", "cqa", "qa_mlp", "qa_compact_sink"]
+  runs = ["caption", "qa", "dpo", "cqa", "qa_mlp", "qa_compact_nosink"]
   for split in ("train", "test"):
     os.makedirs(tmp_path / "caption" / "features" / split)
     (tmp_path / "caption" / "features" / split / "index.json").write_text("{}")
   for name in runs:
     os.makedirs(tmp_path / name / "assistant")
     (tmp_path / name / "assistant" / "params.msgpack").write_bytes(b"")
-  env = dict(user_env(), ABLATIONS="mlp compact,sink", PYTHON="false")
+  env = dict(user_env(), ABLATIONS="mlp compact,nosink", PYTHON="false")
   proc = subprocess.run(["bash", "launch/assistant_ablations.sh", str(tmp_path)], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=60)
   assert proc.returncode == 0, proc.stderr
