@@ -1,7 +1,7 @@
 """Linear probes of a feature cache: how much of each synthetic attribute its features hold.
 
   python -m edgeglass_jax.probe --features=WORKDIR/features [--views=pooled,mean,first]
-  python -m edgeglass_jax.probe --assistant=WORKDIR      # where its attention sinks are
+  python -m edgeglass_jax.probe --assistant=WORKDIR      # what its bridge passes on, its sinks
 
 A bridge or adapter can only read what the frozen encoders put in their features. This fits a
 ridge classifier (float64 numpy, features standardised on the train split, one-hot targets) per
@@ -15,8 +15,10 @@ tokens) and "first" (token 0: the CLS token of a ViT or DINOv2; a Whisper frame 
 Measured on the full-size assistant cache (DINOv2-S/14 at 224 px, Whisper tiny.en on 1 s), see
 README: the image CLS token alone gives colour .95 and shape, size and position 1.0.
 
-With `--assistant`, the same question one step further: does the LM keep what the soft tokens
-carry? It prints the residual-stream norms after each LM block (`assistant.sink_report`); a soft
+With `--assistant`, the same question two steps further. Does the trained bridge pass it on?
+The same probes on its soft tokens (`assistant.soft_token_probes`: first soft token and their
+mean) beside those on the encoder tokens and the assistant's answers. Does the LM keep what the
+soft tokens carry? The residual-stream norms after each LM block (`assistant.sink_report`); a soft
 token with a norm ~100x the median has become an attention sink and what it carried is drowned.
 """
 from __future__ import annotations
@@ -113,25 +115,34 @@ def probe_cache(feature_dir: str, views: Sequence[str] = VIEWS, train: str = "tr
   out = {}
   for m in modalities:
     rows = {s: np.asarray(d[f"{m}/valid"], bool) for s, d in splits.items()}
-    for a in synthetic.ATTRIBUTE_NAMES:
-      y_tr, y_te = labels[train][a][rows[train]], labels[test][a][rows[test]]
-      out[f"{m}/majority/{a}"] = float(np.mean(y_te == np.bincount(y_tr).argmax()))
-    for v in views:
-      if v != "pooled" and f"{m}/tokens" not in splits[train]:
-        continue
-      x = {s: view(d, m, v)[rows[s]] for s, d in splits.items()}
-      for a in synthetic.ATTRIBUTE_NAMES:
-        out[f"{m}/{v}/{a}"] = ridge_probe(x[train], labels[train][a][rows[train]], x[test],
-                                          labels[test][a][rows[test]])[0]
+    names = [v for v in views if v == "pooled" or f"{m}/tokens" in splits[train]]
+    x = {s: {v: view(d, m, v)[rows[s]] for v in names} for s, d in splits.items()}
+    y = {s: {a: labels[s][a][rows[s]] for a in labels[s]} for s in splits}
+    out.update({f"{m}/{k}": v for k, v in probe_views(x[train], y[train], x[test],
+                                                      y[test]).items()})
+  return out
+
+
+def probe_views(x_train: Dict[str, np.ndarray], y_train: Dict[str, np.ndarray],
+                x_test: Dict[str, np.ndarray], y_test: Dict[str, np.ndarray]
+                ) -> Dict[str, float]:
+  """`{"{view}/{attribute}": test accuracy, "majority/{attribute}": ...}`: a `ridge_probe` of
+  every view `[N, D]` of `x_*` for every attribute's labels `[N]` of `y_*`, and the accuracy of
+  always answering the train split's most frequent class."""
+  out = {}
+  for a in y_train:
+    out[f"majority/{a}"] = float(np.mean(y_test[a] == np.bincount(y_train[a]).argmax()))
+    for v in x_train:
+      out[f"{v}/{a}"] = ridge_probe(x_train[v], y_train[a], x_test[v], y_test[a])[0]
   return out
 
 
 def format_probes(metrics: Dict[str, float]) -> str:
   from edgeglass_jax.data import synthetic
   names = synthetic.ATTRIBUTE_NAMES
-  lines = [f"{'modality/view':<16}" + "".join(f"{a:>10}" for a in names)]
+  lines = [f"{'modality/view':<18}" + "".join(f"{a:>10}" for a in names)]
   for key in sorted({k.rsplit("/", 1)[0] for k in metrics}):
-    lines.append(f"{key:<16}" + "".join(f"{metrics[f'{key}/{a}']:>10.3f}" for a in names))
+    lines.append(f"{key:<18}" + "".join(f"{metrics[f'{key}/{a}']:>10.3f}" for a in names))
   return "\n".join(lines)
 
 
@@ -145,6 +156,10 @@ def main(argv):
   try:
     if f.assistant:
       from edgeglass_jax.tasks import assistant
+      print("What the encoders' tokens, the bridge's soft tokens and the answers hold (ridge "
+            "probes fit on train, accuracy on the held-out split; answers: results.json):")
+      print(format_probes(assistant.soft_token_probes(f.assistant)))
+      print("\nResidual norms after each LM block (an attention sink is ~100x the median):")
       print(assistant.format_sink_report(assistant.sink_report(f.assistant, f.count)))
       return
     metrics = probe_cache(f.features, [v for v in f.views.split(",") if v])

@@ -270,11 +270,50 @@ def test_cli_named_errors_leave_workdir_unchanged(case, workdir, files, tmp_path
   assert snapshot(target) == before
 
 
-def test_probe_prints_the_residual_norms_of_sink_soft_and_text_slots(workdir, tmp_path):
+def test_soft_token_views_are_the_bridge_output_of_each_modality_alone(workdir):
+  """`soft_first` / `soft_mean` of a modality are its first soft token and the mean of its
+  soft tokens, from the bridge applied to that modality's rows alone (checked against the
+  bridge applied by hand with the other modality's tokens zeroed and its slots cut off)."""
+  import jax.numpy as jnp
+  from edgeglass_jax import features
+  from edgeglass_jax.tasks import assistant as assistant_lib
+  _, feature_dir, model, _, trainable = assistant_lib._exported_model(workdir)
+  split = features.load_split(os.path.join(feature_dir, "test"))
+  split = {k: (v[:5] if k != "index" else v) for k, v in split.items()}
+  image_slots = None
+  for m in ("image", "audio"):
+    views = assistant_lib.soft_token_views(model, trainable["bridge"], split, m, batch_size=2)
+    batch = {}
+    for mm in ("image", "audio"):
+      batch[f"{mm}/tokens"] = jnp.asarray(split[f"{mm}/tokens"], jnp.float32)
+      batch[f"{mm}/token_mask"] = jnp.asarray(split[f"{mm}/token_mask"], bool)
+      batch[f"{mm}/valid"] = jnp.full((5,), True)
+    soft, mask = (np.asarray(a) for a in model.bridge.apply(trainable["bridge"], batch))
+    if image_slots is None:  # the slots that the image alone fills
+      image_slots = np.asarray(model.bridge.apply(trainable["bridge"], dict(
+          batch, **{"audio/valid": jnp.full((5,), False)}))[1]).any(0)
+    own = image_slots if m == "image" else ~image_slots
+    soft, mask = soft[:, own], mask[:, own]
+    assert mask.any(1).all()
+    first = soft[np.arange(5), mask.argmax(1)]
+    mean = (soft * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    np.testing.assert_allclose(views["soft_first"], first, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(views["soft_mean"], mean, rtol=1e-5, atol=1e-5)
+
+
+def test_probe_prints_what_the_soft_tokens_hold_and_the_residual_norms(workdir, tmp_path):
   proc = run_main(f"--assistant={workdir}", "--count=4", module="edgeglass_jax.probe",
                   timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  header, *rows = proc.stdout.strip().splitlines()
+  probes, norms = proc.stdout.strip().split("\n\n")
+  _, header, *rows = probes.splitlines()
+  assert header.split() == ["modality/view", "color", "shape", "size", "position"]
+  names = [r.split()[0] for r in rows]
+  for m in ("image", "audio"):
+    for v in ("first", "mean", "soft_first", "soft_mean", "majority", "answers"):
+      assert f"{m}/{v}" in names, names
+  assert all(0.0 <= float(v) <= 1.0 for r in rows for v in r.split()[1:])
+  _, header, *rows = norms.splitlines()
   for column in ("image/sink/max", "image/soft/median", "audio/soft/max", "audio/text/median"):
     assert column in header
   assert [r.split()[0] for r in rows] == ["0", "1"]  # the tiny LM's 2 blocks

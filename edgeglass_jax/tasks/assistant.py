@@ -1101,6 +1101,78 @@ class Assistant:
     return Answer(text_out, timings, counts[0])
 
 
+def _exported_model(workdir: str):
+  """(config, feature_dir, model, lm_vars, trainable) of the assistant exported in `workdir`,
+  built on the token shapes of the feature cache it was trained on."""
+  record, params = read_export(workdir)
+  config = mlc.ConfigDict(record["config"])
+  feature_dir = record["features_dir"]
+  model, lm_vars, _ = build_model(config, feature_dims(feature_dir, "train"))
+  lm_vars = None if lm_vars is None else nn.meta.unbox(lm_vars)
+  return config, feature_dir, model, lm_vars, jax.tree.map(jnp.asarray, _dict(params))
+
+
+def soft_token_views(model: Model, bridge_params, split: Dict[str, Any], modality: str,
+                     batch_size: int = 250) -> Dict[str, np.ndarray]:
+  """The bridge's output for one modality of a loaded feature split (`features.load_split`):
+  `{"soft_first": [N, W], "soft_mean": [N, W]}`, its first soft token (the CLS of `compact`, a
+  Perceiver's first latent) and the masked mean of its soft tokens, for every example N (the
+  other modalities' rows are marked invalid, so only `modality`'s slots are non-zero)."""
+  apply = jax.jit(model.bridge.apply)
+  n = len(split["ids"])
+  first, mean = [], []
+  for start in range(0, n, batch_size):
+    rows = slice(start, min(start + batch_size, n))
+    batch = {}
+    for m in BRIDGE_MODALITIES:
+      if f"{m}/tokens" not in split:
+        continue
+      tokens = np.asarray(split[f"{m}/tokens"][rows], np.float32)
+      batch[f"{m}/tokens"] = tokens
+      batch[f"{m}/token_mask"] = np.asarray(
+          split.get(f"{m}/token_mask", np.ones(split[f"{m}/tokens"].shape[:2], bool))[rows], bool)
+      batch[f"{m}/valid"] = np.full(len(tokens), m == modality)
+    soft, mask = (np.asarray(a) for a in apply(bridge_params, batch))
+    lead = mask.argmax(1)
+    first.append(soft[np.arange(len(soft)), lead])
+    w = mask[..., None].astype(np.float64)
+    mean.append((soft * w).sum(1) / np.maximum(w.sum(1), 1.0))
+  return {"soft_first": np.concatenate(first), "soft_mean": np.concatenate(mean)}
+
+
+def soft_token_probes(workdir: str) -> Dict[str, float]:
+  """Where what the encoders hold gets lost on its way to the answer, per modality and attribute:
+  `{"{m}/{view}/{attribute}": accuracy}` for views `first` and `mean` of the cached encoder
+  tokens and `soft_first` and `soft_mean` of the trained bridge's soft tokens (ridge probes fit
+  on the train split, scored on the held-out one, `probe.probe_views`), `majority`, and
+  `answers`: the assistant's own exact-match accuracy from `results.json` when it has one."""
+  from edgeglass_jax import probe
+  config, feature_dir, model, _, trainable = _exported_model(workdir)
+  names = ("train", config.eval.split)
+  splits = {s: features.load_split(os.path.join(feature_dir, s)) for s in names}
+  labels = {s: synthetic.zero_shot_labels(d["group"]) for s, d in splits.items()}
+  metrics = {}
+  results = os.path.join(workdir, "results.json")
+  if os.path.isfile(results):
+    with open(results) as f:
+      metrics = json.load(f).get("metrics", {})
+  out = {}
+  for m in (m for m in BRIDGE_MODALITIES if m in config.bridge.modalities):
+    x, y = {}, {}
+    for s, d in splits.items():
+      rows = np.asarray(d[f"{m}/valid"], bool)
+      x[s] = {v: probe.view(d, m, v)[rows] for v in ("first", "mean")}
+      x[s].update({v: a[rows] for v, a in
+                   soft_token_views(model, trainable["bridge"], d, m).items()})
+      y[s] = {a: labels[s][a][rows] for a in synthetic.ATTRIBUTE_NAMES}
+    out.update({f"{m}/{k}": v for k, v in probe.probe_views(x[names[0]], y[names[0]],
+                                                            x[names[1]], y[names[1]]).items()})
+    if all(f"qa/{m}/{a}" in metrics for a in synthetic.ATTRIBUTE_NAMES):
+      out.update({f"{m}/answers/{a}": float(metrics[f"qa/{m}/{a}"])
+                  for a in synthetic.ATTRIBUTE_NAMES})
+  return out
+
+
 def sink_report(workdir: str, count: int = 16) -> Dict[str, np.ndarray]:
   """Where the trained assistant of `workdir` puts its attention sinks.
 
@@ -1108,13 +1180,7 @@ def sink_report(workdir: str, count: int = 16) -> Dict[str, np.ndarray]:
   returns `{"{m}/{slots}/{median|max}": [layers]}` for `slots` in sink (the sink token, when
   the model has one), soft (the item's soft tokens) and text: the residual-stream norm after
   each LM block over those slots (`Model.hidden_norms`)."""
-  record, params = read_export(workdir)
-  config = mlc.ConfigDict(record["config"])
-  feature_dir = record["features_dir"]
-  dims = feature_dims(feature_dir, "train")
-  model, lm_vars, _ = build_model(config, dims)
-  lm_vars = None if lm_vars is None else nn.meta.unbox(lm_vars)
-  trainable = jax.tree.map(jnp.asarray, _dict(params))
+  config, feature_dir, model, lm_vars, trainable = _exported_model(workdir)
   dataset = sources.synthetic_dataset(config.data)
   mods = tuple(m for m in BRIDGE_MODALITIES if m in config.bridge.modalities)
   feats = pipeline.FeatureSource(os.path.join(feature_dir, "train"), mods,
