@@ -1113,26 +1113,28 @@ def _exported_model(workdir: str):
 
 
 def soft_token_views(model: Model, bridge_params, split: Dict[str, Any], modality: str,
-                     batch_size: int = 250) -> Dict[str, np.ndarray]:
+                     batch_size: int = 250, apply=None) -> Dict[str, np.ndarray]:
   """The bridge's output for one modality of a loaded feature split (`features.load_split`):
   `{"soft_first": [N, W], "soft_mean": [N, W]}`, its first soft token (the CLS of `compact`, a
   Perceiver's first latent) and the masked mean of its soft tokens, for every example N (the
-  other modalities' rows are marked invalid, so only `modality`'s slots are non-zero)."""
-  apply = jax.jit(model.bridge.apply)
+  other modalities' rows are marked invalid, so only `modality`'s slots are non-zero). Batches
+  are padded to `batch_size`, so `apply` (a jitted `model.bridge.apply`, shared across calls by
+  the caller) compiles once."""
+  apply = apply or jax.jit(model.bridge.apply)
   n = len(split["ids"])
+  mods = [m for m in BRIDGE_MODALITIES if f"{m}/tokens" in split]
+  masks = {m: split.get(f"{m}/token_mask", np.ones(split[f"{m}/tokens"].shape[:2], bool))
+           for m in mods}
   first, mean = [], []
   for start in range(0, n, batch_size):
-    rows = slice(start, min(start + batch_size, n))
+    rows = np.minimum(np.arange(start, start + batch_size), n - 1)
+    keep = min(batch_size, n - start)
     batch = {}
-    for m in BRIDGE_MODALITIES:
-      if f"{m}/tokens" not in split:
-        continue
-      tokens = np.asarray(split[f"{m}/tokens"][rows], np.float32)
-      batch[f"{m}/tokens"] = tokens
-      batch[f"{m}/token_mask"] = np.asarray(
-          split.get(f"{m}/token_mask", np.ones(split[f"{m}/tokens"].shape[:2], bool))[rows], bool)
-      batch[f"{m}/valid"] = np.full(len(tokens), m == modality)
-    soft, mask = (np.asarray(a) for a in apply(bridge_params, batch))
+    for m in mods:
+      batch[f"{m}/tokens"] = np.asarray(split[f"{m}/tokens"][rows], np.float32)
+      batch[f"{m}/token_mask"] = np.asarray(masks[m][rows], bool)
+      batch[f"{m}/valid"] = np.full(batch_size, m == modality)
+    soft, mask = (np.asarray(a)[:keep] for a in apply(bridge_params, batch))
     lead = mask.argmax(1)
     first.append(soft[np.arange(len(soft)), lead])
     w = mask[..., None].astype(np.float64)
@@ -1148,6 +1150,7 @@ def soft_token_probes(workdir: str) -> Dict[str, float]:
   `answers`: the assistant's own exact-match accuracy from `results.json` when it has one."""
   from edgeglass_jax import probe
   config, feature_dir, model, _, trainable = _exported_model(workdir)
+  apply = jax.jit(model.bridge.apply)
   names = ("train", config.eval.split)
   splits = {s: features.load_split(os.path.join(feature_dir, s)) for s in names}
   labels = {s: synthetic.zero_shot_labels(d["group"]) for s, d in splits.items()}
@@ -1163,7 +1166,7 @@ def soft_token_probes(workdir: str) -> Dict[str, float]:
       rows = np.asarray(d[f"{m}/valid"], bool)
       x[s] = {v: probe.view(d, m, v)[rows] for v in ("first", "mean")}
       x[s].update({v: a[rows] for v, a in
-                   soft_token_views(model, trainable["bridge"], d, m).items()})
+                   soft_token_views(model, trainable["bridge"], d, m, apply=apply).items()})
       y[s] = {a: labels[s][a][rows] for a in synthetic.ATTRIBUTE_NAMES}
     out.update({f"{m}/{k}": v for k, v in probe.probe_views(x[names[0]], y[names[0]],
                                                             x[names[1]], y[names[1]]).items()})
