@@ -51,6 +51,8 @@ def get_config(arg: str = "caption"):
   config.data.splits = ("train", "test")
   config.data.sep = "\nanswer:"
   config.data.max_len = 56 if tiny else 64
+  # Training batches are padded to their longest sequence rounded up to this (0: max_len).
+  config.data.pad_to_multiple_of = 8
   config.data.qa_modalities = ("image", "audio") if stage == "caption" else ("image", "audio",
                                                                              "text")
   config.data.kinds = KINDS[stage]

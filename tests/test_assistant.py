@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgeglass_jax import adapters, configs, decoder, generate, losses
-from edgeglass_jax.data import qa, synthetic
+from edgeglass_jax.data import pipeline, qa, sources, synthetic
 from edgeglass_jax.tasks import assistant, lm_lora
 from tiny import ROOT
 
@@ -195,6 +195,54 @@ def test_absent_modalities_drop_out_through_masks(kind, num_soft):
   seen = batch["text/valid"][:, :-1]
   np.testing.assert_allclose(text_only[:, 1:][seen], plain[:, :-1][seen], rtol=1e-4, atol=1e-4)
 
+
+
+class _ZeroFeatures:
+  """Features of `_tiny_model`'s shapes for any examples."""
+
+  def get_batch(self, examples, epoch):
+    b = len(examples)
+    return {"image/tokens": np.zeros((b, 17, 12), np.float32), "image/valid": np.ones(b, bool),
+            "audio/tokens": np.zeros((b, 5, 8), np.float32), "audio/valid": np.ones(b, bool)}
+
+
+def test_training_batches_pad_to_the_longest_of_the_global_batch():
+  """Both processes' rows of a global batch get the same T, the batch's longest sequence rounded
+  up to 8; the rows are the `max_len` rows cut there, and the answer loss is unchanged."""
+  config = configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":qa,tiny")
+  assert config.data.pad_to_multiple_of == 8
+  dataset = sources.synthetic_dataset(config.data)
+  model, lm_vars, trainable, _ = _tiny_model("compress")
+  items = assistant.train_items(config, dataset, "train")
+  src = assistant.QASource(dataset, "train", _ZeroFeatures(), items, model, 56,
+                           pad_to_multiple_of=8)
+  full = assistant.QASource(dataset, "train", _ZeroFeatures(), items, model, 56)
+  shards = [pipeline.make_train_loader(src, 8, seed=3, shard_index=p, shard_count=2, prefetch=0)
+            for p in (0, 1)]
+  lengths = []
+  for _ in range(6):
+    halves = [next(shard) for shard in shards]
+    t = halves[0]["text"].shape[1]
+    longest = max(int(h["text/valid"].sum(1).max()) for h in halves)
+    assert [h["text"].shape[1] for h in halves] == [t, t] == [min(56, -(-longest // 8) * 8)] * 2
+    for half in halves:
+      whole = full.get_batch(half["index"], 0, seed=3)
+      assert not whole["text/valid"][:, t:].any()
+      for key in ("text", "text/valid", "text/ar", "text/loss"):
+        np.testing.assert_array_equal(half[key], whole[key][:, :t])
+      np.testing.assert_allclose(model.answer_nll(trainable, lm_vars, half)[0],
+                                 model.answer_nll(trainable, lm_vars, whole)[0], rtol=1e-5)
+    lengths.append(t)
+  assert min(lengths) < 56
+  pairs = assistant.preference_pairs(items, src.attributes, 0, 0, limit=16)
+  paired = assistant.QASource(dataset, "train", _ZeroFeatures(), items, model, 56, pairs=pairs,
+                              pad_to_multiple_of=8)
+  batch = paired.get_batch([0, 1], 0, batch_indices=range(16))
+  assert batch["text"].shape == batch["rejected/text"].shape
+  assert batch["text"].shape[1] == paired.text_length(range(16)) < 56
+  with pytest.raises(ValueError, match="batch_indices of train do not hold"):
+    src.get_batch(list(range(16)), 0, batch_indices=[int(np.argmin(
+        [src.sequences(i)[""][1].sum() for i in range(16)]))])
 
 @pytest.mark.parametrize("sink", [False, True])
 def test_greedy_decoding_agrees_with_the_teacher_forced_sequence(sink):

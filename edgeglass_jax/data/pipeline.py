@@ -205,7 +205,10 @@ class FeatureSource:
 
 
 class _TrainBatch:
-  """Map step `t` (with its step-in-epoch) to this process's rows of global batch `t`."""
+  """Map step `t` (with its step-in-epoch) to this process's rows of global batch `t`.
+
+  A source with `pads_to_global_batch` also gets the whole global batch's indices
+  (`batch_indices`), to pad its rows to a length every process agrees on."""
 
   def __init__(self, source, seed: int, global_batch: int, shard_index: int, local_batch: int,
                steps_per_epoch: int):
@@ -216,8 +219,11 @@ class _TrainBatch:
 
   def __call__(self, t: int, step: int) -> Dict[str, np.ndarray]:
     epoch = t // self.steps_per_epoch
-    first = epoch * len(self.source) + step * self.global_batch + self.offset
-    indices = [self.order[first + r] for r in range(self.local_batch)]
+    start = epoch * len(self.source) + step * self.global_batch
+    indices = [self.order[start + self.offset + r] for r in range(self.local_batch)]
+    if getattr(self.source, "pads_to_global_batch", False):
+      whole = [self.order[start + r] for r in range(self.global_batch)]
+      return self.source.get_batch(indices, epoch, seed=self.seed, batch_indices=whole)
     if hasattr(self.source, "get_batch"):
       return self.source.get_batch(indices, epoch, seed=self.seed)
     items = [self.source[epoch * len(self.source) + i] for i in indices]

@@ -375,13 +375,19 @@ class QASource:
   `pairs` (a list of `(item index, chosen, rejected)`), item k of the source is pair k:
   "text..." hold the chosen answer and "rejected/text..." the rejected one. Description
   answers (and captions quoted by text-only prompts) are drawn from `(seed, epoch, index)`.
+
+  Text is `max_len` long, except in training batches with `pad_to_multiple_of` > 0: the
+  loader passes the whole global batch (`batch_indices`), and T is its longest sequence rounded
+  up to that multiple (at most `max_len`), so every process pads alike and padding, about half
+  of `max_len` on the synthetic set, costs no compute (a few shapes compile, one per length).
   """
 
   def __init__(self, dataset, split: str, features: pipeline.FeatureSource,
                items: List[qa.QAItem], model_text: Model, max_len: int,
-               pairs: Optional[List[Tuple[int, str, str]]] = None):
+               pairs: Optional[List[Tuple[int, str, str]]] = None, pad_to_multiple_of: int = 0):
     self.dataset, self.split, self.features = dataset, split, features
     self.items, self.pairs, self.max_len = items, pairs, int(max_len)
+    self.pad_to_multiple_of = int(pad_to_multiple_of)
     self.codec, self.bos, self.sep = model_text.codec, model_text.bos_id, model_text.sep_ids
     self.attributes = [synthetic.attributes_of(g) for g in dataset.groups(split)]
     self._captions: Dict[int, List[str]] = {}
@@ -415,8 +421,41 @@ class QASource:
     return text_sequence(self.bos, ids[0], self.sep, None if answer is None else ids[1],
                          self.codec.eos_id, self.codec.pad_id, self.max_len)
 
+  @property
+  def pads_to_global_batch(self) -> bool:
+    """Whether the train loader should pass `batch_indices` (see the class docstring)."""
+    return self.pad_to_multiple_of > 0
+
+  def sequences(self, i: int, epoch: int = 0, seed: int = 0, with_answer: bool = True
+                ) -> Dict[str, Tuple[np.ndarray, ...]]:
+    """Source item `i`'s `text_sequence` of `max_len`, by key prefix ("" and, for pairs,
+    "rejected/"); a ValueError names the item when it does not fit."""
+    k = self.pairs[i][0] if self.pairs is not None else i
+    item = self.items[k]
+    question, answer = self.texts(k, epoch, seed)
+    try:
+      if self.pairs is None:
+        return {"": self.encode(question, answer if with_answer else None)}
+      self.encode(question, answer if with_answer else None)
+      _, chosen, rejected = self.pairs[i]
+      return {"": self.encode(question, chosen), "rejected/": self.encode(question, rejected)}
+    except ValueError as e:
+      raise ValueError(f"{self.split} QA item {k} ({item.modality}, {item.kind}): {e}; raise "
+                       "config.data.max_len") from e
+
+  def text_length(self, indices: Sequence[int], epoch: int = 0, seed: int = 0) -> int:
+    """T of a training batch whose global batch is `indices`: the longest sequence rounded up
+    to `pad_to_multiple_of`, at most `max_len` (`max_len` without the multiple)."""
+    if not self.pad_to_multiple_of:
+      return self.max_len
+    longest = max(int(seq[1].sum()) for i in np.asarray(indices, np.int64) % len(self)
+                  for seq in self.sequences(int(i), epoch, seed).values())
+    multiple = self.pad_to_multiple_of
+    return min(self.max_len, -(-longest // multiple) * multiple)
+
   def get_batch(self, indices: Sequence[int], epoch: int = 0, seed: int = 0,
-                with_answer: bool = True) -> Dict[str, np.ndarray]:
+                with_answer: bool = True, batch_indices: Optional[Sequence[int]] = None
+                ) -> Dict[str, np.ndarray]:
     index = np.asarray(indices, np.int64) % len(self)
     item_ids = [self.pairs[i][0] for i in index] if self.pairs is not None else list(index)
     items = [self.items[k] for k in item_ids]
@@ -431,25 +470,14 @@ class QASource:
       out[f"{m}/token_mask"] = feats.get(f"{m}/token_mask",
                                          np.ones(feats[f"{m}/tokens"].shape[:2], bool))
       out[f"{m}/valid"] = own & feats[f"{m}/valid"].astype(bool)
-    rows = {"": [], "rejected/": []}
-    for r, k in enumerate(item_ids):
-      question, answer = self.texts(int(k), epoch, seed)
-      try:
-        self.encode(question, answer if with_answer else None)
-      except ValueError as e:
-        raise ValueError(f"{self.split} QA item {int(k)} ({items[r].modality}, {items[r].kind}): "
-                         f"{e}; raise config.data.max_len") from e
-      if self.pairs is not None:
-        _, chosen, rejected = self.pairs[int(index[r])]
-        rows[""].append(self.encode(question, chosen))
-        rows["rejected/"].append(self.encode(question, rejected))
-      else:
-        rows[""].append(self.encode(question, answer if with_answer else None))
-    for prefix, seqs in rows.items():
-      if not seqs:
-        continue
+    rows = [self.sequences(int(i), epoch, seed, with_answer) for i in index]
+    length = self.max_len if batch_indices is None else \
+        self.text_length(batch_indices, epoch, seed)
+    if any(seq[1][length:].any() for row in rows for seq in row.values()):
+      raise ValueError(f"batch_indices of {self.split} do not hold all of indices {index}")
+    for prefix in rows[0]:
       for j, name in enumerate(("text", "text/valid", "text/ar", "text/loss")):
-        out[prefix + name] = np.stack([s[j] for s in seqs])
+        out[prefix + name] = np.stack([row[prefix][j][:length] for row in rows])
     out["index"] = index.astype(np.int32)
     return out
 
@@ -907,9 +935,10 @@ def make_task(config, workdir: str, mesh) -> loop.Task:
   feats = {s: pipeline.FeatureSource(os.path.join(feature_dir, s), mods,
                                      keys=("tokens", "token_mask"))
            for s in {config.train.split, config.eval.split}}
-  max_len = int(config.data.max_len)
+  max_len, multiple = int(config.data.max_len), int(config.data.get("pad_to_multiple_of", 0))
   train_src = QASource(dataset, config.train.split, feats[config.train.split],
-                       train_items(config, dataset, config.train.split), model, max_len)
+                       train_items(config, dataset, config.train.split), model, max_len,
+                       pad_to_multiple_of=multiple)
   eval_src = QASource(dataset, config.eval.split, feats[config.eval.split],
                       eval_items(config, dataset), model, max_len)
   frozen = None if config.lm.train_all else {"lm": lm_vars}
@@ -926,7 +955,8 @@ def make_task(config, workdir: str, mesh) -> loop.Task:
                              synthetic.SPLITS.index(config.train.split))
     pairs += self_correction_pairs(model, train_src, ref, _lm(frozen), config)
     train_src = QASource(dataset, config.train.split, feats[config.train.split],
-                         train_src.items, model, max_len, pairs=pairs)
+                         train_src.items, model, max_len, pairs=pairs,
+                         pad_to_multiple_of=multiple)
     held = preference_pairs(eval_src.items, eval_src.attributes, config.seed + 1,
                             synthetic.SPLITS.index(config.eval.split), config.dpo.eval_pairs)
     pair_src = QASource(dataset, config.eval.split, feats[config.eval.split], eval_src.items,
