@@ -46,10 +46,8 @@ def main(argv=None):
   common.offline_cpu_env(args.xla_flags)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   sys.path.insert(0, root)
-  import time
 
   import jax
-  import numpy as np
   from flax import linen as nn
 
   from edgeglass_jax import configs
