@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 import jax
 from jax.experimental import mesh_utils
 import numpy as np
+import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -99,7 +100,10 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh, rules=None) -> Any:
   logical_specs = nn.get_partition_spec(abstract_tree)
   mesh_specs = nn.logical_to_mesh(logical_specs, rules)
   shapes = nn.meta.unbox(abstract_tree)
-  return jax.tree.map(lambda spec, x: NamedSharding(mesh, _fit_spec(spec, x.shape, mesh)),
+  # An optimizer state masks frozen params inside their boxes: Partitioned(MaskedNode()) has a
+  # spec but no array, and stays an (empty) MaskedNode.
+  return jax.tree.map(lambda spec, x: x if isinstance(x, optax.MaskedNode) else
+                      NamedSharding(mesh, _fit_spec(spec, x.shape, mesh)),
                       mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 

@@ -73,3 +73,25 @@ def test_lr_scale_multiplies_the_update_of_the_params_its_regex_matches():
 def test_lr_scale_names_a_malformed_rule(spec):
   with pytest.raises(ValueError, match="train.lr_scale"):
     loop.parse_lr_scale(spec)
+
+
+def test_frozen_boxed_params_get_no_update_and_shard_like_the_optimizer_state():
+  """A `frozen` regex over a partitioned (boxed) param: optax masks it inside its box, which the
+  state's shardings must mirror (it once raised on the MaskedNode), and it never moves, weight
+  decay included."""
+  import flax.linen as nn
+  from edgeglass_jax import sharding
+  cfg = mlc.ConfigDict(dict(CFG.to_dict(), frozen="(^|/)fixed/", weight_decay=0.5))
+  params = {"w": nn.Partitioned(jnp.ones((8, 4)), ("embed", None)),
+            "fixed": {"m": nn.LogicallyPartitioned(jnp.ones((4, 4)), (None, None))}}
+  tx = loop.make_optimizer(cfg)
+  abstract = jax.eval_shape(tx.init, params)
+  shardings = sharding.tree_shardings(abstract, sharding.make_mesh({"data": -1}))
+  assert jax.tree.structure(shardings) == jax.tree.structure(nn.meta.unbox(abstract))
+  unboxed = nn.meta.unbox(params)
+  state = tx.init(unboxed)
+  for _ in range(3):
+    updates, state = tx.update(jax.tree.map(jnp.ones_like, unboxed), state, unboxed)
+    unboxed = jax.tree.map(lambda p, u: p + u, unboxed, updates)
+  np.testing.assert_array_equal(unboxed["fixed"]["m"], np.ones((4, 4)))
+  assert float(jnp.abs(unboxed["w"] - 1.0).max()) > 0
