@@ -22,6 +22,11 @@ ARG is "STAGE[,OPTION...]": STAGE one of caption | qa | dpo; options:
                   without it SmolLM2 made the soft tokens holding the object its sinks and read
                   neither shape nor sounds; see README), off for `scratch`, whose LM is trained
                   with the bridge; `nosink` gives PaliGemma's layout exactly;
+  whiten          ZCA-whiten the encoder tokens in front of the bridges, with fixed statistics of
+                  the training split (`config.bridge.whiten`, the shrinkage: 0.1; 0 = off): the
+                  hues that tell the synthetic colours apart are low-variance directions of
+                  DINOv2's CLS token, slow for Adam to grow a first layer along (see
+                  `edgeglass_jax/whitening.py`);
   realenc         with tiny: the real DINOv2-S/14 (at 56 px: 16 patch tokens) and Whisper
                   tiny.en in place of the random towers; the LM stays tiny;
   scratch         a 6-layer, width-512 Llama (RoPE, RMSNorm; the offline word tokenizer of
@@ -71,6 +76,8 @@ def get_config(arg: str = "caption"):
       # A finished align run to start the bridge from (its config: align_config): each bridged
       # modality it trained with the same adapter kind and sizes takes every layer but the head.
       init_from_align="", align_config="configs/quickstart.py",
+      # ZCA shrinkage of the input whitening (edgeglass_jax/whitening.py); 0 = none.
+      whiten=0.1 if "whiten" in options else 0.0,
       image=configs.adapter(kind="perceiver", hidden=hidden, depth=1,
                             num_latents=8 if tiny else 32, factor=3),
       audio=configs.adapter(kind="perceiver", hidden=hidden, depth=1,
@@ -89,7 +96,7 @@ def get_config(arg: str = "caption"):
       config.bridge.audio.update(kind="compress", factor=5)
     elif option in ("sink", "nosink") and {"sink", "nosink"} <= set(options):
       raise ValueError(f"configs/assistant.py: options 'sink' and 'nosink' contradict in {arg!r}")
-    elif option in ("scratch", "realenc", "sink", "nosink"):
+    elif option in ("scratch", "realenc", "sink", "nosink", "whiten"):
       pass
     else:
       raise ValueError(f"configs/assistant.py: unknown option {option!r} in {arg!r}")

@@ -357,14 +357,18 @@ def test_scratch_lm_starts_from_the_loaded_lm_and_learns_from_informative_tokens
 @pytest.mark.parametrize("arg", ["caption", "qa,compress", "dpo,mlp", "qa,perceiver64",
                                  "qa,scratch", "caption,tiny", "qa,tiny,realenc",
                                  "qa,compact,sink", "qa,compact,nosink", "qa,tiny,nosink",
-                                 "qa,scratch,sink"])
+                                 "qa,scratch,sink", "qa,compact,whiten"])
 def test_stage_configs_load_with_their_options(arg):
   """Every option loads; the sink is on for the pretrained LM unless `nosink`, off for a scratch
-  LM unless `sink`."""
+  LM unless `sink`; input whitening only with `whiten`."""
   config = configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":" + arg)
   options = arg.split(",")[1:]
   assert config.task == "assistant" and config.stage == arg.split(",")[0]
   assert config.data.sink == ("sink" in options or not {"scratch", "nosink"} & set(options))
+  assert config.bridge.whiten == (0.1 if "whiten" in options else 0.0)
+  config.bridge.whiten = -1.0
+  with pytest.raises(ValueError, match=r"config.bridge.whiten=-1.0"):
+    assistant.whiten_shrinkage(config)
   real = "tiny" not in arg or "realenc" in arg
   assert bool(config.encoders.image.package == "dinov2-small") == real
   assert config.encoders.audio.package == ("whisper-tiny.en" if real else "")
@@ -416,3 +420,37 @@ def test_word_tokenizer_reads_a_transcript_like_the_typed_question():
   typed, heard = (tok(t, add_special_tokens=False)["input_ids"]
                   for t in ("what is the color of the shape?", "What is the Color of the shape?"))
   assert typed == heard and tok.unk_token_id not in typed
+
+
+def test_whitened_bridge_keeps_the_training_splits_statistics_through_training(tmp_path):
+  """`qa,tiny,whiten`: the exported bridge whitens with the training split's token statistics
+  (float64 numpy over the cache, the CLS token on its own), untouched by 3 steps of training
+  with weight decay; a continuation without whitening is refused by name, its parent unchanged
+  and no file written."""
+  from edgeglass_jax import features, whitening
+  from edgeglass_jax.tasks import loop
+  from tiny import run_main, snapshot
+  workdir, other = str(tmp_path / "w"), str(tmp_path / "plain")
+  common = ("--config.train.steps=3", "--config.eval.max_items=4", "--config.eval.spoken=0",
+            "--config.data.synthetic.num_train=64", "--config.data.synthetic.num_test=8")
+  proc = run_main("--config=configs/assistant.py:qa,tiny,whiten", f"--workdir={workdir}",
+                  "--config.train.weight_decay=0.5", *common)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  record, params = assistant.read_export(workdir)
+  assert record["config"]["bridge"]["whiten"] == pytest.approx(0.1)
+  cache = features.load_split(os.path.join(record["features_dir"], "train"))
+  for m, cls in (("image", True), ("audio", False)):
+    mask = cache[f"{m}/token_mask"].astype(bool) & cache[f"{m}/valid"][:, None]
+    expect = whitening.token_statistics([(cache[f"{m}/tokens"], mask)], cls, 0.1)
+    got = params["bridge"]["params"][m]["whiten"]
+    assert sorted(got) == sorted(expect)
+    for key in expect:
+      np.testing.assert_allclose(got[key], expect[key], rtol=1e-4, atol=1e-5)
+    assert np.abs(got["matrix"] - np.eye(len(got["matrix"]))).max() > 0.1
+  before = snapshot(workdir)
+  proc = run_main("--config=configs/assistant.py:qa,tiny", f"--workdir={other}",
+                  f"--config.init_from={workdir}", *common)
+  errors = [l for l in proc.stderr.splitlines() if loop.CheckpointMismatchError.__name__ in l]
+  assert proc.returncode != 0 and errors and "whiten" in errors[-1], proc.stderr[-2000:]
+  assert snapshot(workdir) == before
+  assert not [f for f in snapshot(other).values() if f is not None]

@@ -50,7 +50,7 @@ import ml_collections as mlc
 import numpy as np
 from flax import linen as nn
 
-from edgeglass_jax import adapters, decoder, features, generate, layers, losses, peft
+from edgeglass_jax import adapters, decoder, features, generate, layers, losses, peft, whitening
 from edgeglass_jax import configs as config_lib
 from edgeglass_jax.data import pipeline, qa, sources, synthetic
 from edgeglass_jax.tasks import align, extract, lm_lora, loop
@@ -87,6 +87,12 @@ def group_frames(tokens: jax.Array, mask: jax.Array, factor: int
   return (tokens.reshape(b, -1, factor * d), mask.reshape(b, -1, factor).any(-1))
 
 
+def leading_cls(cfg: adapters.AdapterConfig, grid: bool, num_tokens: int) -> bool:
+  """Whether a modality's `num_tokens` tokens start with a CLS token: grid (image) modalities
+  whose count is a square + 1, or as `cfg.has_cls` says (see `adapters.grid_side`)."""
+  return grid and adapters.grid_side(num_tokens, 1, cfg.has_cls)[1]
+
+
 class ModalityBridge(nn.Module):
   """One modality's token features -> LM-width soft tokens.
 
@@ -97,16 +103,22 @@ class ModalityBridge(nn.Module):
   MLP blocks, K = N / factor^2 (+ 1) (or N / factor);
   "mlp": a per-token `MLPProjector`, K = N. Then LayerNorm, Dense to `width`, times
   `out_scale` (the LM's embedding RMS). Rows with `valid` False give zeros and an all-False mask.
+  With `whiten`, the tokens are ZCA-whitened first (`whitening.Whiten`; a grid's CLS token with
+  its own statistics), with fixed statistics of the training split.
   """
   config: adapters.AdapterConfig
   width: int
   grid: bool
   out_scale: float = 1.0
+  whiten: bool = False
 
   @nn.compact
   def __call__(self, tokens, token_mask, valid):
     cfg = self.config
     tokens = tokens.astype(jnp.float32)
+    if self.whiten:
+      tokens = whitening.Whiten(leading_cls(cfg, self.grid, tokens.shape[1]),
+                                name="whiten")(tokens)
     token_mask = token_mask.astype(bool) & valid[:, None]
     # A row without valid tokens attends to its (zero) tokens instead of to nothing.
     kv_mask = token_mask | ~token_mask.any(-1, keepdims=True)
@@ -148,12 +160,13 @@ class Bridge(nn.Module):
   modalities: Tuple[Tuple[str, adapters.AdapterConfig, bool], ...]
   width: int
   out_scale: float = 1.0
+  whiten: bool = False
 
   @nn.compact
   def __call__(self, batch):
     softs, masks = [], []
     for m, cfg, grid in self.modalities:
-      s, k = ModalityBridge(cfg, self.width, grid, self.out_scale, name=m)(
+      s, k = ModalityBridge(cfg, self.width, grid, self.out_scale, self.whiten, name=m)(
           batch[f"{m}/tokens"], batch[f"{m}/token_mask"], batch[f"{m}/valid"])
       softs.append(s)
       masks.append(k)
@@ -584,7 +597,7 @@ def build_model(config, dims: Dict[str, Tuple[int, int]]):
     if cfg.kind not in BRIDGE_KINDS:
       raise ValueError(f"config.bridge.{m}.kind={cfg.kind!r} is not one of {BRIDGE_KINDS}")
     mods.append((m, cfg, m == "image"))
-  bridge = Bridge(tuple(mods), module.config.hidden_size, scale)
+  bridge = Bridge(tuple(mods), module.config.hidden_size, scale, whiten_shrinkage(config) > 0)
   example = dummy_features(dims, config.bridge.modalities)
   num_soft = jax.eval_shape(lambda r: bridge.init_with_output(r, example)[0][0],
                             jax.random.key(0)).shape[1]
@@ -598,6 +611,53 @@ def build_model(config, dims: Dict[str, Tuple[int, int]]):
     lora = None
   sink = bool(config.data.get("sink", False))
   return Model(bridge, module, lora, codec, bos, sep, int(num_soft), sink), lm_vars, source
+
+
+def whiten_shrinkage(config) -> float:
+  """`config.bridge.whiten`: the ZCA shrinkage of the bridge's input whitening, 0 = none."""
+  value = float(config.bridge.get("whiten", 0.0))
+  if value < 0:
+    raise ValueError(f"config.bridge.whiten={value}: the whitening shrinkage must be >= 0 "
+                     "(0 turns whitening off)")
+  return value
+
+
+def whitening_statistics(bridge: Bridge, source: pipeline.FeatureSource, shrinkage: float,
+                         chunk: int = 64) -> Dict[str, Dict[str, np.ndarray]]:
+  """`{modality: Whiten params}` of every bridged modality's valid tokens in `source` (the
+  training split's cache), float64 sums over chunks of `chunk` examples."""
+  out = {}
+  for m, cfg, grid in bridge.modalities:
+    def batches():
+      for rows in _batches(len(source), chunk):
+        b = source.get_batch(rows)
+        yield b[f"{m}/tokens"], b[f"{m}/token_mask"].astype(bool) & b[f"{m}/valid"][:, None]
+    first = leading_cls(cfg, grid, source.get_batch([0])[f"{m}/tokens"].shape[1])
+    try:
+      out[m] = whitening.token_statistics(batches(), first, shrinkage)
+    except ValueError as e:
+      raise ValueError(f"{source.split_dir}: whitening the {m} tokens: {e}") from e
+  return out
+
+
+def fill_whitening(bridge_tree, stats: Dict[str, Dict[str, np.ndarray]]):
+  """The boxed bridge init with each modality's `whiten` params set to `stats`."""
+  params = dict(bridge_tree["params"])
+  for m, values in stats.items():
+    params[m] = load_into(dict(params[m]), {"whiten": values}, "whitening statistics",
+                          ["whiten"])
+  return dict(bridge_tree, params=params)
+
+
+def frozen_whitening(config):
+  """`config` whose `train.frozen` regex also covers the whitening statistics (when on), so
+  that no optimizer update (weight decay included) ever touches them."""
+  if whiten_shrinkage(config) <= 0:
+    return config
+  pattern = "(^|/)whiten/"
+  out = config.copy_and_resolve_references()
+  out.train.frozen = f"{config.train.frozen}|{pattern}" if config.train.frozen else pattern
+  return out
 
 
 def dummy_features(dims, modalities, batch: int = 1):
@@ -654,12 +714,15 @@ def aligned_adapters(config, mesh) -> Dict[str, Any]:
   return out
 
 
-def init_trainable(model: Model, lm_vars, dims, config, rng, init_values=None, aligned=None):
-  """Boxed trainable tree: the bridge (from the `aligned` adapters, when given), LoRA (qa,
-  dpo) or the whole LM (`lm.train_all`), with the subtrees of `init_values` (a previous stage's
-  export) loaded over it."""
+def init_trainable(model: Model, lm_vars, dims, config, rng, init_values=None, aligned=None,
+                   whiten=None):
+  """Boxed trainable tree: the bridge (from the `aligned` adapters, when given; its whitening
+  statistics `whiten`, when given), LoRA (qa, dpo) or the whole LM (`lm.train_all`), with the
+  subtrees of `init_values` (a previous stage's export) loaded over it."""
   r1, r2 = jax.random.split(rng)
   tree = {"bridge": model.bridge.init(r1, dummy_features(dims, config.bridge.modalities))}
+  if whiten:
+    tree["bridge"] = fill_whitening(tree["bridge"], whiten)
   if aligned:
     tree["bridge"] = bridge_from_aligned(tree["bridge"], aligned,
                                          config.bridge.get("init_from_align") or "aligned")
@@ -935,6 +998,9 @@ def make_task(config, workdir: str, mesh) -> loop.Task:
   feats = {s: pipeline.FeatureSource(os.path.join(feature_dir, s), mods,
                                      keys=("tokens", "token_mask"))
            for s in {config.train.split, config.eval.split}}
+  # A continuation takes its parent's statistics with its params (init_values).
+  whiten = (whitening_statistics(model.bridge, feats[config.train.split], whiten_shrinkage(config))
+            if model.bridge.whiten and init_values is None else None)
   max_len, multiple = int(config.data.max_len), int(config.data.get("pad_to_multiple_of", 0))
   train_src = QASource(dataset, config.train.split, feats[config.train.split],
                        train_items(config, dataset, config.train.split), model, max_len,
@@ -968,7 +1034,7 @@ def make_task(config, workdir: str, mesh) -> loop.Task:
   merged = _prefixless(evaluators)
   return loop.Task(
       init_params=lambda rng: init_trainable(model, lm_vars, dims, config, rng, init_values,
-                                             aligned),
+                                             aligned, whiten),
       loss_fn=loss_fn if frozen is not None else (lambda p, b, r: loss_fn(p, None, b, r)),
       train_iter=train_iter,
       evaluate=merged if frozen is not None else (lambda p, step: merged(p, None, step)),
@@ -1012,6 +1078,7 @@ def make_loss_fn(model: Model, config):
 
 
 def run(config, workdir: str) -> dict:
+  config = frozen_whitening(config)
   captured = {}
 
   def make(cfg, wd, mesh):
