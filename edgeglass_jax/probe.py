@@ -2,6 +2,7 @@
 
   python -m edgeglass_jax.probe --features=WORKDIR/features [--views=pooled,mean,first]
   python -m edgeglass_jax.probe --assistant=WORKDIR      # what its bridge passes on, its sinks
+  python -m edgeglass_jax.probe --features=DIR --adam     # how fast Adam reads them, raw/whitened
 
 A bridge or adapter can only read what the frozen encoders put in their features. This fits a
 ridge classifier (float64 numpy, features standardised on the train split, one-hot targets) per
@@ -137,6 +138,92 @@ def probe_views(x_train: Dict[str, np.ndarray], y_train: Dict[str, np.ndarray],
   return out
 
 
+ADAM_STEPS = (25, 50, 100, 200, 1000)
+
+
+def adam_curve(x_train, y_train, x_test, y_test, steps: Sequence[int] = ADAM_STEPS,
+               shrinkage=None, lr: float = 1e-3, batch: int = 16, width: int = 256,
+               seed: int = 0) -> Dict[int, float]:
+  """`{step: held-out accuracy}` of a stand-in for a bridge's first layer trained with Adam:
+  Dense D -> `width`, LayerNorm, Dense to the classes, softmax cross-entropy on batches of
+  `batch` train rows drawn with replacement, at `lr`. On the raw features, or with `shrinkage`
+  on ZCA-whitened ones (`whitening`, train statistics). `ridge_probe` says whether a linear map
+  reads a label; this says how fast gradient steps find it (the colours of the synthetic set:
+  fast once whitened, slow on raw DINOv2 tokens)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from edgeglass_jax import whitening
+  x_train, x_test = (np.asarray(a, np.float64) for a in (x_train, x_test))
+  if shrinkage is not None:
+    moments = whitening.Moments(x_train.shape[1])
+    moments.add(x_train)
+    mean, cov = moments.mean_cov()
+    matrix = whitening.zca_matrix(cov, shrinkage)
+    x_train, x_test = (x_train - mean) @ matrix, (x_test - mean) @ matrix
+  classes = int(max(np.max(y_train), np.max(y_test))) + 1
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  d = x_train.shape[1]
+  params = {"w1": jax.random.normal(k1, (d, width)) / np.sqrt(d), "b1": jnp.zeros(width),
+            "w2": jax.random.normal(k2, (width, classes)) / np.sqrt(width),
+            "b2": jnp.zeros(classes)}
+
+  def logits(p, x):
+    h = x @ p["w1"] + p["b1"]
+    h = (h - h.mean(-1, keepdims=True)) / jnp.sqrt(h.var(-1, keepdims=True) + 1e-6)
+    return h @ p["w2"] + p["b2"]
+
+  opt = optax.adam(lr)
+
+  @jax.jit
+  def step(p, state, x, y):
+    grads = jax.grad(lambda q: optax.softmax_cross_entropy_with_integer_labels(
+        logits(q, x), y).mean())(p)
+    updates, state = opt.update(grads, state)
+    return optax.apply_updates(p, updates), state
+
+  rng = np.random.default_rng(seed)
+  xs, ys = jnp.asarray(x_train, jnp.float32), jnp.asarray(y_train, jnp.int32)
+  xt, yt = jnp.asarray(x_test, jnp.float32), np.asarray(y_test)
+  state, out = opt.init(params), {}
+  for t in range(1, max(steps) + 1):
+    rows = rng.integers(0, len(x_train), batch)
+    params, state = step(params, state, xs[rows], ys[rows])
+    if t in steps:
+      out[t] = float(np.mean(np.asarray(logits(params, xt)).argmax(-1) == yt))
+  return out
+
+
+def adam_curves(feature_dir: str, shrinkage: float = 0.1, steps: Sequence[int] = ADAM_STEPS,
+                views=(("image", "first"), ("audio", "mean")),
+                attributes=("color", "shape")) -> Dict[str, Dict[int, float]]:
+  """`{"{modality}/{view}/{raw|whitened}/{attribute}": adam_curve}` on a synthetic cache."""
+  from edgeglass_jax import features
+  from edgeglass_jax.data import synthetic
+  splits = {s: features.load_split(os.path.join(feature_dir, s)) for s in ("train", "test")}
+  labels = {s: synthetic.zero_shot_labels(d["group"]) for s, d in splits.items()}
+  out = {}
+  for m, v in views:
+    if f"{m}/valid" not in splits["train"]:
+      continue
+    rows = {s: np.asarray(d[f"{m}/valid"], bool) for s, d in splits.items()}
+    x = {s: view(d, m, v)[rows[s]] for s, d in splits.items()}
+    for a in attributes:
+      y = {s: labels[s][a][rows[s]] for s in splits}
+      for name, shrink in (("raw", None), ("whitened", shrinkage)):
+        out[f"{m}/{v}/{name}/{a}"] = adam_curve(x["train"], y["train"], x["test"], y["test"],
+                                                steps, shrink)
+  return out
+
+
+def format_curves(curves: Dict[str, Dict[int, float]]) -> str:
+  steps = sorted(next(iter(curves.values()))) if curves else []
+  lines = [f"{'modality/view/features/attribute':<34}" + "".join(f"{s:>7}" for s in steps)]
+  for key, curve in curves.items():
+    lines.append(f"{key:<34}" + "".join(f"{curve[s]:>7.2f}" for s in steps))
+  return "\n".join(lines)
+
+
 def format_probes(metrics: Dict[str, float]) -> str:
   from edgeglass_jax.data import synthetic
   names = synthetic.ATTRIBUTE_NAMES
@@ -162,6 +249,11 @@ def main(argv):
       print("\nResidual norms after each LM block (an attention sink is ~100x the median):")
       print(assistant.format_sink_report(assistant.sink_report(f.assistant, f.count)))
       return
+    if f.adam:
+      print("Held-out accuracy after N Adam steps of a stand-in first layer, raw vs ZCA-whitened "
+            f"features (shrinkage {f.shrinkage}):")
+      print(format_curves(adam_curves(f.features, f.shrinkage)))
+      return
     metrics = probe_cache(f.features, [v for v in f.views.split(",") if v])
   except (OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -176,4 +268,7 @@ if __name__ == "__main__":
   _flags.DEFINE_string("assistant", None, "A trained assistant's workdir: print the residual "
                        "norms of its sink, soft and text slots after each LM block instead.")
   _flags.DEFINE_integer("count", 16, "With --assistant: questions per modality.")
+  _flags.DEFINE_bool("adam", False, "With --features: how fast Adam learns colour and shape from "
+                     "raw vs whitened features (`adam_curves`) instead of the ridge probes.")
+  _flags.DEFINE_float("shrinkage", 0.1, "With --adam: the whitening shrinkage.")
   app.run(main)

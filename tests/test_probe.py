@@ -89,3 +89,21 @@ def test_cli_names_a_missing_cache(tmp_path):
                          f"--features={tmp_path}/nope"], cwd=ROOT, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 2 and f"{tmp_path}/nope/train: no index.json" in proc.stderr
+
+
+def test_adam_learns_a_low_variance_label_faster_once_whitened():
+  """A label carried by one direction of tiny variance beside loud nuisance directions: a ridge
+  probe reads it either way, Adam's first layer finds it within 50 steps only once whitened."""
+  rng = np.random.default_rng(0)
+
+  def draw(n):
+    y = rng.integers(0, 2, n)
+    x = rng.normal(size=(n, 8)) * 10.0
+    x[:, 3] = (y * 2 - 1) * 0.05 + rng.normal(size=n) * 0.01
+    return x, y
+
+  (xa, ya), (xb, yb) = draw(600), draw(200)
+  raw = probe.adam_curve(xa, ya, xb, yb, steps=(50,))
+  white = probe.adam_curve(xa, ya, xb, yb, steps=(50,), shrinkage=0.0)
+  assert white[50] >= 0.95 and raw[50] <= white[50] - 0.2, (raw, white)
+  assert probe.ridge_probe(xa, ya, xb, yb)[0] >= 0.95
