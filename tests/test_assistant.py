@@ -369,6 +369,9 @@ def test_stage_configs_load_with_their_options(arg):
   config.bridge.whiten = -1.0
   with pytest.raises(ValueError, match=r"config.bridge.whiten=-1.0"):
     assistant.whiten_shrinkage(config)
+  config.bridge.update(whiten=0.1, init_from_align="runs/align")
+  with pytest.raises(ValueError, match="trained on unwhitened tokens"):
+    assistant.make_task(config, "/nonexistent", None)
   real = "tiny" not in arg or "realenc" in arg
   assert bool(config.encoders.image.package == "dinov2-small") == real
   assert config.encoders.audio.package == ("whisper-tiny.en" if real else "")

@@ -982,6 +982,10 @@ def make_task(config, workdir: str, mesh) -> loop.Task:
   """Model, data, loss and evaluators of one stage on `mesh`."""
   if config.stage not in STAGES:
     raise ValueError(f"config.stage={config.stage!r} is not one of {STAGES}")
+  if whiten_shrinkage(config) > 0 and config.bridge.get("init_from_align"):
+    raise ValueError(f"config.bridge.whiten={config.bridge.whiten} with config.bridge."
+                     f"init_from_align={config.bridge.init_from_align}: the aligned adapters "
+                     "were trained on unwhitened tokens; set one of them off")
   if config.stage != "caption" and not config.init_from and not config.lm.train_all:
     logging.warning("stage %s starts without init_from: its bridge is fresh", config.stage)
   if config.stage == "dpo" and not config.init_from:
