@@ -108,20 +108,31 @@ def probe_cache(feature_dir: str, views: Sequence[str] = VIEWS, train: str = "tr
   if bad:
     raise ValueError(f"views {bad} are not among {VIEWS}")
   splits = {s: features.load_split(os.path.join(feature_dir, s)) for s in (train, test)}
-  labels = {s: synthetic.zero_shot_labels(d["group"]) for s, d in splits.items()}
   modalities = sorted({k.split("/")[0] for k in splits[train] if k.endswith("/valid")}
                       & {"image", "audio"})
   if not modalities:
     raise ValueError(f"{feature_dir}: the cache has no image or audio features")
   out = {}
   for m in modalities:
-    rows = {s: np.asarray(d[f"{m}/valid"], bool) for s, d in splits.items()}
     names = [v for v in views if v == "pooled" or f"{m}/tokens" in splits[train]]
-    x = {s: {v: view(d, m, v)[rows[s]] for v in names} for s, d in splits.items()}
-    y = {s: {a: labels[s][a][rows[s]] for a in labels[s]} for s in splits}
+    x, y = labelled_views(splits, m, names)
     out.update({f"{m}/{k}": v for k, v in probe_views(x[train], y[train], x[test],
                                                       y[test]).items()})
   return out
+
+
+def labelled_views(splits: Dict[str, Dict[str, np.ndarray]], modality: str,
+                   views: Sequence[str]):
+  """`(x, y)`: `x[split][view] [N, D]` and `y[split][attribute] [N]` of the rows of each loaded
+  synthetic split (`features.load_split`) that hold `modality`."""
+  from edgeglass_jax.data import synthetic
+  x, y = {}, {}
+  for s, d in splits.items():
+    rows = np.asarray(d[f"{modality}/valid"], bool)
+    labels = synthetic.zero_shot_labels(d["group"])
+    x[s] = {v: view(d, modality, v)[rows] for v in views}
+    y[s] = {a: labels[a][rows] for a in labels}
+  return x, y
 
 
 def probe_views(x_train: Dict[str, np.ndarray], y_train: Dict[str, np.ndarray],
@@ -156,10 +167,7 @@ def adam_curve(x_train, y_train, x_test, y_test, steps: Sequence[int] = ADAM_STE
   from edgeglass_jax import whitening
   x_train, x_test = (np.asarray(a, np.float64) for a in (x_train, x_test))
   if shrinkage is not None:
-    moments = whitening.Moments(x_train.shape[1])
-    moments.add(x_train)
-    mean, cov = moments.mean_cov()
-    matrix = whitening.zca_matrix(cov, shrinkage)
+    mean, matrix = whitening.fit_zca(x_train, shrinkage)
     x_train, x_test = (x_train - mean) @ matrix, (x_test - mean) @ matrix
   classes = int(max(np.max(y_train), np.max(y_test))) + 1
   k1, k2 = jax.random.split(jax.random.key(seed))
@@ -199,20 +207,16 @@ def adam_curves(feature_dir: str, shrinkage: float = 0.1, steps: Sequence[int] =
                 attributes=("color", "shape")) -> Dict[str, Dict[int, float]]:
   """`{"{modality}/{view}/{raw|whitened}/{attribute}": adam_curve}` on a synthetic cache."""
   from edgeglass_jax import features
-  from edgeglass_jax.data import synthetic
   splits = {s: features.load_split(os.path.join(feature_dir, s)) for s in ("train", "test")}
-  labels = {s: synthetic.zero_shot_labels(d["group"]) for s, d in splits.items()}
   out = {}
   for m, v in views:
     if f"{m}/valid" not in splits["train"]:
       continue
-    rows = {s: np.asarray(d[f"{m}/valid"], bool) for s, d in splits.items()}
-    x = {s: view(d, m, v)[rows[s]] for s, d in splits.items()}
+    x, y = labelled_views(splits, m, [v])
     for a in attributes:
-      y = {s: labels[s][a][rows[s]] for s in splits}
       for name, shrink in (("raw", None), ("whitened", shrinkage)):
-        out[f"{m}/{v}/{name}/{a}"] = adam_curve(x["train"], y["train"], x["test"], y["test"],
-                                                steps, shrink)
+        out[f"{m}/{v}/{name}/{a}"] = adam_curve(x["train"][v], y["train"][a], x["test"][v],
+                                                y["test"][a], steps, shrink)
   return out
 
 

@@ -61,6 +61,14 @@ def zca_matrix(cov: np.ndarray, shrinkage: float) -> np.ndarray:
   return (vec / np.sqrt(lam + eps)) @ vec.T
 
 
+def fit_zca(rows: np.ndarray, shrinkage: float) -> Tuple[np.ndarray, np.ndarray]:
+  """(mean [D], `zca_matrix` [D, D]) of rows `[N, D]`, float64."""
+  moments = Moments(rows.shape[1])
+  moments.add(rows)
+  mean, cov = moments.mean_cov()
+  return mean, zca_matrix(cov, shrinkage)
+
+
 def token_statistics(batches: Iterable[Tuple[np.ndarray, np.ndarray]], separate_first: bool,
                      shrinkage: float) -> Dict[str, np.ndarray]:
   """The `Whiten` params of token batches `(tokens [B, N, D], mask [B, N])` (mask False for
