@@ -27,6 +27,10 @@ ARG is "STAGE[,OPTION...]": STAGE one of caption | qa | dpo; options:
                   hues that tell the synthetic colours apart are low-variance directions of
                   DINOv2's CLS token, slow for Adam to grow a first layer along (see
                   `edgeglass_jax/whitening.py`);
+  audiolayerK     the sound's tokens are Whisper's hidden state after block K (HF
+                  `hidden_states[K]`, `encoders.audio.feature_layer`) instead of its top: the
+                  speech-trained top layers drop pitch, which codes the synthetic sounds' colour
+                  (linear probe: 1.0 after block 1, .86 at the top); needs its own feature cache;
   realenc         with tiny: the real DINOv2-S/14 (at 56 px: 16 patch tokens) and Whisper
                   tiny.en in place of the random towers; the LM stays tiny;
   scratch         a 6-layer, width-512 Llama (RoPE, RMSNorm; the offline word tokenizer of
@@ -94,6 +98,9 @@ def get_config(arg: str = "caption"):
     elif option == "compact":
       config.bridge.image.update(kind="compress", factor=4, keep_cls=True)
       config.bridge.audio.update(kind="compress", factor=5)
+    elif option.startswith("audiolayer"):
+      # Whisper's hidden state after this many blocks (its top layers discard pitch).
+      config.encoders.audio.feature_layer = int(option[len("audiolayer"):])
     elif option in ("sink", "nosink") and {"sink", "nosink"} <= set(options):
       raise ValueError(f"configs/assistant.py: options 'sink' and 'nosink' contradict in {arg!r}")
     elif option in ("scratch", "realenc", "sink", "nosink", "whiten"):

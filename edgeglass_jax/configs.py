@@ -44,10 +44,12 @@ def encoder_spec(**overrides):
   `random` (family+config). `image_size`: the image tower's input size s in pixels, 0 = the
   checkpoint's own (its preprocessor_config.json, else the model's `image_size`); see
   `preprocess.sized_settings` (DINOv2: resize to round(s*256/224), crop s; use a multiple of its
-  patch 14, else the patch conv drops the remainder)."""
+  patch 14, else the patch conv drops the remainder). `feature_layer`: which of HF's
+  `hidden_states` the cache keeps (Whisper only; -1 = the last, see `WhisperEncoder`)."""
   spec = mlc.ConfigDict(dict(
       path="", package="", tower="", tokenizer="", random=False, family="", seed=0,
-      hf_config=mlc.ConfigDict(type_safe=False), max_len=64, max_seconds=30.0, image_size=0))
+      hf_config=mlc.ConfigDict(type_safe=False), max_len=64, max_seconds=30.0, image_size=0,
+      feature_layer=-1))
   for k, v in overrides.items():
     spec[k] = mlc.ConfigDict(v, type_safe=False) if isinstance(v, dict) else v
   return spec

@@ -82,6 +82,33 @@ def _unbox(tree):
   return meta.unbox(tree)
 
 
+def encoder_info(spec) -> Dict[str, Any]:
+  """The scalar fields of an encoder spec: what a feature cache records of each encoder."""
+  return {k: v for k, v in dict(spec).items() if isinstance(v, (str, int, float, bool))}
+
+
+def check_cache_encoders(split_dir: str, encoder_specs, modalities: Sequence[str]):
+  """Raises ValueError naming the first field where the encoders that wrote the cache in
+  `split_dir` differ from `encoder_specs` (a config's `encoders`), for `modalities`: features of
+  another encoder or layer would train a model that then sees different ones at inference.
+  Fields a cache predates count as their `configs.encoder_spec` default."""
+  from edgeglass_jax import configs
+  with open(os.path.join(split_dir, "index.json")) as f:
+    recorded = json.load(f).get("encoders", {})
+  defaults = encoder_info(configs.encoder_spec())
+  for m in modalities:
+    if m not in recorded:
+      raise ValueError(f"{split_dir}: the feature cache holds no {m!r} features (it has "
+                       f"{sorted(recorded)})")
+    cached, wanted = {**defaults, **recorded[m]}, {**defaults, **encoder_info(encoder_specs[m])}
+    for key in sorted(set(cached) | set(wanted)):
+      if cached.get(key) != wanted.get(key):
+        raise ValueError(
+            f"{split_dir}: the feature cache was extracted with encoders.{m}.{key}="
+            f"{cached.get(key)!r} but the config asks for {wanted.get(key)!r}; extract a cache "
+            f"with this config (task 'extract') or point features_dir at a matching one")
+
+
 def build_encoder(modality: str, spec, dtype=jnp.float32) -> Encoder:
   """Builds the frozen encoder and its input preparation from `config.encoders.{modality}`."""
   from edgeglass_jax.data import preprocess
@@ -93,7 +120,18 @@ def build_encoder(modality: str, spec, dtype=jnp.float32) -> Encoder:
   else:
     path = _encoder_dir(spec)
     module, params = from_pretrained(path, tower=spec.get("tower") or None, dtype=dtype)
-  info = {k: v for k, v in spec.items() if isinstance(v, (str, int, float, bool))}
+  layer = int(spec.get("feature_layer", -1))
+  if layer != -1:
+    if not hasattr(module, "feature_layer"):
+      raise ValueError(f"config.encoders.{modality}.feature_layer={layer}: only the Whisper "
+                       f"encoder picks a hidden layer; {type(module).__name__} gives its last")
+    from edgeglass_jax.encoders import whisper
+    try:
+      whisper.feature_depth(layer, module.config.num_layers)
+    except ValueError as e:
+      raise ValueError(f"config.encoders.{modality}.{e}") from None
+    module = module.clone(feature_layer=layer)
+  info = encoder_info(spec)
   if modality == "image":
     processor = preprocess.image_processor_config(module.config.family, path,
                                                   module.config.image_size)

@@ -357,15 +357,20 @@ def test_scratch_lm_starts_from_the_loaded_lm_and_learns_from_informative_tokens
 @pytest.mark.parametrize("arg", ["caption", "qa,compress", "dpo,mlp", "qa,perceiver64",
                                  "qa,scratch", "caption,tiny", "qa,tiny,realenc",
                                  "qa,compact,sink", "qa,compact,nosink", "qa,tiny,nosink",
-                                 "qa,scratch,sink", "qa,compact,whiten"])
+                                 "qa,scratch,sink", "qa,compact,whiten",
+                                 "qa,compact,whiten,audiolayer1", "qa,tiny,audiolayer0"])
 def test_stage_configs_load_with_their_options(arg):
   """Every option loads; the sink is on for the pretrained LM unless `nosink`, off for a scratch
-  LM unless `sink`; input whitening only with `whiten`."""
+  LM unless `sink`; input whitening only with `whiten`; Whisper's top layer unless
+  `audiolayerK`."""
   config = configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":" + arg)
   options = arg.split(",")[1:]
   assert config.task == "assistant" and config.stage == arg.split(",")[0]
   assert config.data.sink == ("sink" in options or not {"scratch", "nosink"} & set(options))
   assert config.bridge.whiten == (0.1 if "whiten" in options else 0.0)
+  layers = [int(o[len("audiolayer"):]) for o in options if o.startswith("audiolayer")]
+  assert config.encoders.audio.feature_layer == (layers[0] if layers else -1)
+  assert config.encoders.image.feature_layer == -1
   config.bridge.whiten = -1.0
   with pytest.raises(ValueError, match=r"config.bridge.whiten=-1.0"):
     assistant.whiten_shrinkage(config)
@@ -457,3 +462,10 @@ def test_whitened_bridge_keeps_the_training_splits_statistics_through_training(t
   assert proc.returncode != 0 and errors and "whiten" in errors[-1], proc.stderr[-2000:]
   assert snapshot(workdir) == before
   assert not [f for f in snapshot(other).values() if f is not None]
+  layered = configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":qa,tiny,whiten,"
+                         "audiolayer1")
+  layered.init_from = workdir
+  with pytest.raises(ValueError, match=r"extracted with encoders\.audio\.feature_layer=-1 but "
+                     "the config asks for 1"):
+    assistant.ensure_features(layered, other)
+  assert snapshot(workdir) == before

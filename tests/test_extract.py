@@ -146,3 +146,40 @@ def test_cli_extract_synthetic_with_packaged_encoders(tmp_path):
   feats = features.load_split(str(tmp_path / "features" / "train"))
   assert feats["text/pooled"].shape[-1] == 384 and feats["audio/pooled"].shape[-1] == 384
   assert "ex/s" in proc.stderr or "ex_per_s" in proc.stderr  # the progress bar
+
+
+def test_cache_records_the_encoder_layer_and_a_mismatch_is_named(setup):
+  config, _, _, tmp = setup
+  out = os.path.join(tmp, "layer_check")
+  run_split(setup, out, sharding.make_mesh({"data": -1}))
+  features.check_cache_encoders(out, config.encoders, ("image", "audio"))
+  other = config.encoders.copy_and_resolve_references()
+  other.audio.feature_layer = 1
+  with pytest.raises(ValueError, match=r"layer_check: the feature cache was extracted with "
+                     r"encoders\.audio\.feature_layer=-1 but the config asks for 1"):
+    features.check_cache_encoders(out, other, ("audio",))
+  features.check_cache_encoders(out, other, ("image",))
+  with open(os.path.join(out, "index.json")) as f:  # a cache written before the field existed
+    index = json.load(f)
+  del index["encoders"]["audio"]["feature_layer"]
+  with open(os.path.join(out, "index.json"), "w") as f:
+    json.dump(index, f)
+  features.check_cache_encoders(out, config.encoders, ("audio",))
+  with pytest.raises(ValueError, match="holds no 'depth' features"):
+    features.check_cache_encoders(out, {"depth": config.encoders.audio}, ("depth",))
+
+
+def test_feature_layer_is_checked_when_the_encoder_is_built(setup):
+  config = setup[0]
+  image, audio = (config.encoders[m].copy_and_resolve_references() for m in ("image", "audio"))
+  image.feature_layer = 1
+  with pytest.raises(ValueError, match=r"config\.encoders\.image\.feature_layer=1: only the "
+                     "Whisper encoder"):
+    features.build_encoder("image", image)
+  audio.feature_layer = 3
+  with pytest.raises(ValueError, match=r"config\.encoders\.audio\.feature_layer=3 is out of "
+                     "range for 2 layers"):
+    features.build_encoder("audio", audio)
+  audio.feature_layer = 1
+  encoder = features.build_encoder("audio", audio)
+  assert encoder.module.feature_layer == 1 and encoder.info["feature_layer"] == 1

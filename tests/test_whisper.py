@@ -156,6 +156,26 @@ def test_odd_valid_length_equals_truncated_input(loaded, apply_fn):
   assert rel_err(out.pooled, alone.pooled) < 1e-5
 
 
+def test_feature_layer_equals_hf_hidden_states(hf_model, loaded):
+  module, params = loaded
+  mel = np.random.default_rng(6).normal(size=(2, N_FRAMES, 80)).astype(np.float32)
+  mask = np.arange(N_FRAMES)[None, :] < np.array([[64], [N_FRAMES]])
+  with torch.no_grad():
+    ref = hf_model.encoder(torch.from_numpy(np.ascontiguousarray(mel.transpose(0, 2, 1))),
+                           output_hidden_states=True).hidden_states
+  assert len(ref) == 3
+  for layer in (0, 1, 2, -1, -2, -3):
+    picked = module.clone(feature_layer=layer, mask_attention=False)
+    out = picked.apply(params, jnp.asarray(mel), jnp.asarray(mask))
+    want = ref[layer].numpy()
+    assert rel_err(out.tokens, want) < 1e-4, f"feature_layer={layer}"
+    assert rel_err(out.pooled[0], want[0, :32].mean(0)) < 1e-4, f"feature_layer={layer}"
+  assert rel_err(ref[1], ref[2]) > 1e-2  # the layers differ, so a wrong pick shows
+  for layer in (3, -4):
+    with pytest.raises(ValueError, match=f"feature_layer={layer} is out of range for 2 layers"):
+      module.clone(feature_layer=layer).apply(params, jnp.asarray(mel))
+
+
 def test_too_many_frames_raises(loaded):
   module, params = loaded
   with pytest.raises(ValueError, match="max_source_positions=50"):

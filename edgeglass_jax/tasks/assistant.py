@@ -503,15 +503,22 @@ def ensure_features(config, workdir: str) -> str:
   else `{workdir}/features` (extracted there now, resumable)."""
   splits = [config.train.split, config.eval.split]
   done = lambda d: all(os.path.isfile(os.path.join(d, s, "index.json")) for s in splits)
+
+  def checked(d):
+    for split in splits:
+      features.check_cache_encoders(os.path.join(d, split), config.encoders,
+                                    config.bridge.modalities)
+    return d
+
   if config.features_dir:
     if not done(config.features_dir):
       raise FileNotFoundError(f"config.features_dir={config.features_dir} lacks finished splits "
                               f"{splits}")
-    return config.features_dir
+    return checked(config.features_dir)
   if config.init_from:
     previous = read_export(config.init_from)[0].get("features_dir", "")
     if previous and done(previous):
-      return previous
+      return checked(previous)
   out = extract.features_dir(config, workdir)
   if not done(out):
     logging.info("no feature cache in %s yet: extracting", out)
