@@ -13,14 +13,16 @@
 #   ROOT/cqa         stage 2 from ROOT/caption (the README chain)
 #   ROOT/qa_OPTION   stage 2 ablations: perceiver64 perceiver128 compress compact mlp scratch,
 #                    nosink, compact,nosink (without the sink token; ROOT/qa_compact_nosink:
-#                    commas become underscores) and compact,whiten (whitened encoder tokens)
+#                    commas become underscores), compact,whiten (whitened encoder tokens) and
+#                    compact,whiten,audiolayer1 (Whisper's block-1 tokens: an option with
+#                    `audiolayer` extracts its own feature cache)
 #
 # usage: launch/assistant_ablations.sh ROOT [SECONDS]
 #   SECONDS  stop every run after this long (default: no limit); a stopped run resumes on rerun
 # environment: PYTHON (default .venv/bin/python if present, else python3); EXTRA: more
 # --config.KEY=VALUE for every run; EXTRA_ARG: options appended to every config ARG (",tiny");
 # ABLATIONS: the qa_OPTION runs (default "perceiver64 perceiver128 compress compact nosink
-# compact,nosink compact,whiten mlp scratch").
+# compact,nosink compact,whiten compact,whiten,audiolayer1 mlp scratch").
 # Without the weight packages (an offline GPU box), copy the converted HF dirs
 # (~/.cache/edgeglass_jax/{dinov2-small,whisper-tiny.en}) and the GGUF over and set
 # EXTRA="--config.encoders.image.package= --config.encoders.image.path=DIR
@@ -79,8 +81,12 @@ done
 F="--config.features_dir=$root/caption/features"
 
 (stage qa qa "$F" && stage dpo dpo --config.init_from="$root/qa") &
-for option in ${ABLATIONS-perceiver64 perceiver128 compress compact nosink compact,nosink compact,whiten mlp scratch}; do
-  stage "qa_${option//,/_}" "qa,$option" "$F" &
+for option in ${ABLATIONS-perceiver64 perceiver128 compress compact nosink compact,nosink compact,whiten compact,whiten,audiolayer1 mlp scratch}; do
+  if [[ $option == *audiolayer* ]]; then  # other encoder features than the caption run's
+    stage "qa_${option//,/_}" "qa,$option" &
+  else
+    stage "qa_${option//,/_}" "qa,$option" "$F" &
+  fi
 done
 wait $caption && stage cqa qa --config.init_from="$root/caption"
 wait

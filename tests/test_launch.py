@@ -62,6 +62,26 @@ def test_assistant_ablations_skips_finished_runs_and_runs_in_order(tmp_path):
   assert "qa_mlp: start" in proc.stdout and "qa_mlp: rc=1" in proc.stdout, proc.stdout
 
 
+def test_assistant_ablations_give_an_audio_layer_run_its_own_features(tmp_path):
+  """Runs read the caption run's feature cache, except an `audiolayerK` one, whose encoder
+  differs: it extracts its own (the task refuses a cache of another layer)."""
+  for split in ("train", "test"):
+    os.makedirs(tmp_path / "caption" / "features" / split)
+    (tmp_path / "caption" / "features" / split / "index.json").write_text("{}")
+  for name in ("caption", "qa", "dpo", "cqa"):
+    os.makedirs(tmp_path / name / "assistant")
+    (tmp_path / name / "assistant" / "params.msgpack").write_bytes(b"")
+  env = dict(user_env(), ABLATIONS="mlp compact,whiten,audiolayer1", PYTHON="echo")
+  proc = subprocess.run(["bash", "launch/assistant_ablations.sh", str(tmp_path)], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  mlp = (tmp_path / "qa_mlp.log").read_text()
+  layered = (tmp_path / "qa_compact_whiten_audiolayer1.log").read_text()
+  assert "configs/assistant.py:qa,mlp " in mlp and "--config.features_dir=" in mlp
+  assert "configs/assistant.py:qa,compact,whiten,audiolayer1 " in layered
+  assert "features_dir" not in layered
+
+
 def test_local_multiprocess_rejects_bad_arguments(tmp_path):
   script = os.path.join(ROOT, "launch/local_multiprocess.sh")
   proc = subprocess.run(["bash", script, "two", "configs/quickstart.py", str(tmp_path)],
