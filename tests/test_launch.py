@@ -38,16 +38,21 @@ def test_usage_errors(script, env, needle):
   assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
 
 
+def _finished_runs(root, names):
+  """Marks the caption run's feature cache and each named run's exported assistant done."""
+  for split in ("train", "test"):
+    os.makedirs(root / "caption" / "features" / split)
+    (root / "caption" / "features" / split / "index.json").write_text("{}")
+  for name in names:
+    os.makedirs(root / name / "assistant")
+    (root / name / "assistant" / "params.msgpack").write_bytes(b"")
+
+
 def test_assistant_ablations_skips_finished_runs_and_runs_in_order(tmp_path):
   """A rerun starts nothing that has exported its assistant, and asks for each run after what it
   depends on: the caption run's features, the qa run before dpo, caption before cqa."""
   runs = ["caption", "qa", "dpo", "cqa", "qa_mlp", "qa_compact_nosink"]
-  for split in ("train", "test"):
-    os.makedirs(tmp_path / "caption" / "features" / split)
-    (tmp_path / "caption" / "features" / split / "index.json").write_text("{}")
-  for name in runs:
-    os.makedirs(tmp_path / name / "assistant")
-    (tmp_path / name / "assistant" / "params.msgpack").write_bytes(b"")
+  _finished_runs(tmp_path, runs)
   env = dict(user_env(), ABLATIONS="mlp compact,nosink", PYTHON="false")
   proc = subprocess.run(["bash", "launch/assistant_ablations.sh", str(tmp_path)], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=60)
@@ -65,12 +70,7 @@ def test_assistant_ablations_skips_finished_runs_and_runs_in_order(tmp_path):
 def test_assistant_ablations_give_an_audio_layer_run_its_own_features(tmp_path):
   """Runs read the caption run's feature cache, except an `audiolayerK` one, whose encoder
   differs: it extracts its own (the task refuses a cache of another layer)."""
-  for split in ("train", "test"):
-    os.makedirs(tmp_path / "caption" / "features" / split)
-    (tmp_path / "caption" / "features" / split / "index.json").write_text("{}")
-  for name in ("caption", "qa", "dpo", "cqa"):
-    os.makedirs(tmp_path / name / "assistant")
-    (tmp_path / name / "assistant" / "params.msgpack").write_bytes(b"")
+  _finished_runs(tmp_path, ["caption", "qa", "dpo", "cqa"])
   env = dict(user_env(), ABLATIONS="mlp compact,whiten,audiolayer1", PYTHON="echo")
   proc = subprocess.run(["bash", "launch/assistant_ablations.sh", str(tmp_path)], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=60)
