@@ -9,10 +9,12 @@ the same items; the jitted loss and gradient of each (the optimizer update is th
 and small for LoRA) runs on the same `--batches` batches, every shape compiled before timing,
 `--reps` interleaved passes. Prints each runner's median time per batch and the ratio.
 
-  python benchmarks/assistant_train.py --features_dir=runs/cpu_qa/features [--config qa,compact]
+  python benchmarks/assistant_train.py --features_dir=runs/cpu_qa_l1/features [--config qa]
       [--batches 6] [--reps 3] [--xla-flags "..."]
 
-`--features_dir` is a finished full-size feature cache (any `qa` run's `features/`).
+`--features_dir` is a finished full-size feature cache of the same encoders as `--config` (any
+such `qa` run's `features/`; the 2026-12-05 entry of RESULTS.md ran `qa,v1,compact` on the
+top-layer cache `runs/cpu_qa/features`, then called `qa,compact`).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import common  # noqa: E402  (benchmarks/common.py: no jax import)
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--features_dir", required=True, help="finished full-size feature cache")
-  p.add_argument("--config", default="qa,compact", help="argument of configs/assistant.py")
+  p.add_argument("--config", default="qa", help="argument of configs/assistant.py")
   p.add_argument("--batches", type=int, default=6, help="training batches timed")
   p.add_argument("--reps", type=int, default=3, help="interleaved passes over the batches")
   p.add_argument("--xla-flags", default="", help="XLA_FLAGS for this run (replaces the env's)")

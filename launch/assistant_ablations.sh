@@ -7,22 +7,24 @@
 # the one feature extraction they all read. Each run is an ordinary resumable workdir under
 # ROOT; rerunning this script resumes the unfinished ones and skips the finished.
 #
-#   ROOT/qa          stage 2 from a fresh bridge (Perceiver, 32 image latents), spoken eval
+#   ROOT/qa          stage 2 from a fresh bridge (the full-size recipe: `compact` bridges on
+#                    whitened tokens, Whisper's block 1), spoken eval
 #   ROOT/dpo         stage 3 (DPO) from ROOT/qa
 #   ROOT/caption     stage 1 (bridge only, LM frozen); it extracts the feature cache
 #   ROOT/cqa         stage 2 from ROOT/caption (the README chain)
-#   ROOT/qa_OPTION   stage 2 ablations: perceiver64 perceiver128 compress compact mlp scratch,
-#                    nosink, compact,nosink (without the sink token; ROOT/qa_compact_nosink:
-#                    commas become underscores), compact,whiten (whitened encoder tokens) and
-#                    compact,whiten,audiolayer1 (Whisper's block-1 tokens: an option with
-#                    `audiolayer` extracts its own feature cache)
+#   ROOT/qa_OPTION   stage 2 ablations, each one change to the recipe: the image connector
+#                    (perceiver32 perceiver64 perceiver128: visual tokens; compress: 2x2
+#                    groups, 64 tokens; mlp: every patch), nosink, nowhiten, audiolayer-1
+#                    (Whisper's top), v1 (the earlier defaults) and scratch (ROOT/qa_v1_compact
+#                    for "v1,compact": commas become underscores). An option with `audiolayer`
+#                    or `v1` reads other Whisper tokens and extracts its own feature cache
 #
 # usage: launch/assistant_ablations.sh ROOT [SECONDS]
 #   SECONDS  stop every run after this long (default: no limit); a stopped run resumes on rerun
 # environment: PYTHON (default .venv/bin/python if present, else python3); EXTRA: more
 # --config.KEY=VALUE for every run; EXTRA_ARG: options appended to every config ARG (",tiny");
-# ABLATIONS: the qa_OPTION runs (default "perceiver64 perceiver128 compress compact nosink
-# compact,nosink compact,whiten compact,whiten,audiolayer1 mlp scratch").
+# ABLATIONS: the qa_OPTION runs (default "perceiver32 perceiver64 perceiver128 compress mlp
+# nosink nowhiten audiolayer-1 v1 scratch").
 # Without the weight packages (an offline GPU box), copy the converted HF dirs
 # (~/.cache/edgeglass_jax/{dinov2-small,whisper-tiny.en}) and the GGUF over and set
 # EXTRA="--config.encoders.image.package= --config.encoders.image.path=DIR
@@ -30,7 +32,7 @@
 # --config.eval.asr_model=DIR" (the Whisper dir).
 set -uo pipefail
 
-[ $# -ge 1 ] || { sed -n 2,25p "$0" >&2; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,32p "$0" >&2; exit 2; }
 root=$1
 limit=${2:-0}
 py=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
@@ -81,8 +83,9 @@ done
 F="--config.features_dir=$root/caption/features"
 
 (stage qa qa "$F" && stage dpo dpo --config.init_from="$root/qa") &
-for option in ${ABLATIONS-perceiver64 perceiver128 compress compact nosink compact,nosink compact,whiten compact,whiten,audiolayer1 mlp scratch}; do
-  if [[ $option == *audiolayer* ]]; then  # other encoder features than the caption run's
+ablations="perceiver32 perceiver64 perceiver128 compress mlp nosink nowhiten audiolayer-1 v1 scratch"
+for option in ${ABLATIONS-$ablations}; do
+  if [[ $option == *audiolayer* || $option == *v1* ]]; then  # other Whisper tokens than caption's
     stage "qa_${option//,/_}" "qa,$option" &
   else
     stage "qa_${option//,/_}" "qa,$option" "$F" &

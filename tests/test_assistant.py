@@ -357,20 +357,30 @@ def test_scratch_lm_starts_from_the_loaded_lm_and_learns_from_informative_tokens
 @pytest.mark.parametrize("arg", ["caption", "qa,compress", "dpo,mlp", "qa,perceiver64",
                                  "qa,scratch", "caption,tiny", "qa,tiny,realenc",
                                  "qa,compact,sink", "qa,compact,nosink", "qa,tiny,nosink",
-                                 "qa,scratch,sink", "qa,compact,whiten",
-                                 "qa,compact,whiten,audiolayer1", "qa,tiny,audiolayer0"])
+                                 "qa,scratch,sink", "qa,v1", "qa,v1,compact,whiten",
+                                 "qa,nowhiten,audiolayer-1", "qa,tiny,whiten,audiolayer0"])
 def test_stage_configs_load_with_their_options(arg):
   """Every option loads; the sink is on for the pretrained LM unless `nosink`, off for a scratch
-  LM unless `sink`; input whitening only with `whiten`; Whisper's top layer unless
-  `audiolayerK`."""
+  LM unless `sink`; at full size (not `v1`) whitened tokens, Whisper's block 1 and `compact`
+  bridges unless an option says otherwise, elsewhere raw top-layer tokens and Perceivers."""
   config = configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":" + arg)
   options = arg.split(",")[1:]
+  recipe = not {"tiny", "v1"} & set(options)
   assert config.task == "assistant" and config.stage == arg.split(",")[0]
   assert config.data.sink == ("sink" in options or not {"scratch", "nosink"} & set(options))
-  assert config.bridge.whiten == (0.1 if "whiten" in options else 0.0)
+  whiten = "whiten" in options or (recipe and "nowhiten" not in options)
+  assert config.bridge.whiten == (0.1 if whiten else 0.0)
   layers = [int(o[len("audiolayer"):]) for o in options if o.startswith("audiolayer")]
-  assert config.encoders.audio.feature_layer == (layers[0] if layers else -1)
+  assert config.encoders.audio.feature_layer == (layers[0] if layers else 1 if recipe else -1)
   assert config.encoders.image.feature_layer == -1
+  connector = [o for o in options if o.startswith(("perceiver", "compress", "mlp", "compact"))]
+  if not connector:
+    image, audio = config.bridge.image, config.bridge.audio
+    kinds = (image.kind, image.factor, image.keep_cls, audio.kind, audio.factor)
+    assert kinds == (("compress", 4, True, "compress", 5) if recipe else
+                     ("perceiver", 3, False, "perceiver", 2))
+  lora_scaled = recipe and config.stage == "qa" and "scratch" not in options
+  assert config.train.lr_scale == ("^lora/:3" if lora_scaled else "")
   config.bridge.whiten = -1.0
   with pytest.raises(ValueError, match=r"config.bridge.whiten=-1.0"):
     assistant.whiten_shrinkage(config)
@@ -384,8 +394,12 @@ def test_stage_configs_load_with_their_options(arg):
     assert config.encoders.image.image_size == 56 and config.lm.random  # the tiny LM stays
   with pytest.raises(ValueError, match="unknown option 'nope'"):
     configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":" + arg + ",nope")
-  with pytest.raises(ValueError, match="'sink' and 'nosink' contradict"):
-    configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":qa,sink,nosink")
+  for bad, message in (("qa,sink,nosink", "'sink' and 'nosink' contradict"),
+                       ("qa,whiten,nowhiten", "'whiten' and 'nowhiten' contradict"),
+                       ("qa,perceiverx", "'perceiverx' in 'qa,perceiverx' needs an integer"),
+                       ("qa,audiolayer", "'audiolayer' in 'qa,audiolayer' needs an integer")):
+    with pytest.raises(ValueError, match=message):
+      configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":" + bad)
 
 
 def _encoder_tokens(config):
@@ -401,9 +415,10 @@ def _encoder_tokens(config):
   return {"image": (n_img, d_img), "audio": (int(audio.max_seconds * 50), d_aud)}
 
 
-@pytest.mark.parametrize("arg", ["qa", "qa,perceiver64", "qa,perceiver128", "qa,compress",
-                                 "qa,mlp", "qa,tiny,compress", "qa,tiny,realenc,compress",
-                                 "qa,tiny,realenc,mlp", "qa,compact", "qa,tiny,realenc,compact"])
+@pytest.mark.parametrize("arg", ["qa", "qa,v1", "qa,perceiver64", "qa,perceiver128",
+                                 "qa,compress", "qa,mlp", "qa,tiny,compress",
+                                 "qa,tiny,realenc,compress", "qa,tiny,realenc,mlp", "qa,compact",
+                                 "qa,tiny,realenc,compact"])
 def test_every_bridge_option_fits_its_encoders_tokens(arg):
   """Each option's bridge builds on the token shapes of its encoders at that size (the full
   `compress` once asked 3x3 groups of DINOv2's 16x16 grid) with the soft-token count it names."""

@@ -68,18 +68,18 @@ def test_assistant_ablations_skips_finished_runs_and_runs_in_order(tmp_path):
 
 
 def test_assistant_ablations_give_an_audio_layer_run_its_own_features(tmp_path):
-  """Runs read the caption run's feature cache, except an `audiolayerK` one, whose encoder
-  differs: it extracts its own (the task refuses a cache of another layer)."""
+  """Runs read the caption run's feature cache, except those that read other Whisper tokens
+  (`audiolayerK`, `v1`): they extract their own (the task refuses a cache of another layer)."""
   _finished_runs(tmp_path, ["caption", "qa", "dpo", "cqa"])
-  env = dict(user_env(), ABLATIONS="mlp compact,whiten,audiolayer1", PYTHON="echo")
+  env = dict(user_env(), ABLATIONS="mlp audiolayer-1 v1,compact", PYTHON="echo")
   proc = subprocess.run(["bash", "launch/assistant_ablations.sh", str(tmp_path)], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=60)
   assert proc.returncode == 0, proc.stderr
   mlp = (tmp_path / "qa_mlp.log").read_text()
-  layered = (tmp_path / "qa_compact_whiten_audiolayer1.log").read_text()
   assert "configs/assistant.py:qa,mlp " in mlp and "--config.features_dir=" in mlp
-  assert "configs/assistant.py:qa,compact,whiten,audiolayer1 " in layered
-  assert "features_dir" not in layered
+  for name, arg in (("qa_audiolayer-1", "qa,audiolayer-1"), ("qa_v1_compact", "qa,v1,compact")):
+    own = (tmp_path / f"{name}.log").read_text()
+    assert f"configs/assistant.py:{arg} " in own and "features_dir" not in own
 
 
 def test_local_multiprocess_rejects_bad_arguments(tmp_path):
