@@ -402,6 +402,20 @@ def test_stage_configs_load_with_their_options(arg):
       configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":" + bad)
 
 
+def test_full_size_qa_defaults_are_the_measured_recipe():
+  """Plain `qa` is the README's 1000-step run that met every target (`runs/kl`), and `qa,v1`
+  the defaults every earlier row ran with."""
+  config = configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":qa")
+  train = config.train
+  assert (train.steps, train.learning_rate, train.lr_scale, train.warmup_steps) == (
+      1000, 1e-3, "^lora/:3", 40)
+  assert (config.bridge.whiten, config.encoders.audio.feature_layer, config.data.sink) == (
+      0.1, 1, True)
+  old = configs.load(os.path.join(ROOT, "configs", "assistant.py") + ":qa,v1")
+  assert (old.train.steps, old.train.learning_rate, old.train.lr_scale) == (800, 5e-4, "")
+  assert (old.bridge.image.num_latents, old.bridge.audio.num_latents) == (32, 16)
+
+
 def _encoder_tokens(config):
   """`{m: (N, D)}` the configured encoders give: DINOv2-S/14 (patch 14, CLS, width 384) or the
   tiny CLIP ViT (its hf_config); Whisper: 50 frames a second (tiny.en width 384)."""
